@@ -1,0 +1,251 @@
+"""corral.toml: typed, validated, every key with a default.
+
+Durations are seconds or strings like "250ms", "30s", "5m", "1h"; sizes are bytes or
+strings like "512MiB", "2GiB". Unknown keys and bad values are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Duration(float):
+    """Seconds."""
+
+
+class Size(int):
+    """Bytes."""
+
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|TiB|k|K|M|G)?\s*")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "k": 1024,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise TypeError("expected a duration such as 30 or \"30s\", got a boolean")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
+        seconds = float(m[1]) * _DURATION_UNITS[m[2]]
+    else:
+        raise ValueError(f"invalid duration {value!r}: use seconds or \"250ms\", \"30s\", \"5m\", \"1h\"")
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return Duration(seconds)
+
+
+def parse_size(value: object) -> Size:
+    if isinstance(value, bool):
+        raise TypeError("expected a size such as 1048576 or \"1MiB\", got a boolean")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value)):
+        n = int(float(m[1]) * _SIZE_UNITS[m[2]])
+    else:
+        raise ValueError(f"invalid size {value!r}: use bytes or \"512KiB\", \"200MiB\", \"2GiB\"")
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return Size(n)
+
+
+def _dec_hook(tp: type, obj: object) -> object:
+    if tp is Duration:
+        return parse_duration(obj)
+    if tp is Size:
+        return parse_size(obj)
+    raise NotImplementedError(f"no decoder for {tp}")
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SupervisorConfig(_Section):
+    state_dir: str = "~/.local/state/corral"
+    control_socket: str = ""
+    drain_timeout: Duration = Duration(30)
+    kill_grace: Duration = Duration(5)
+    max_workers: PositiveInt = 1000
+    idle_timeout: Duration = Duration(600)
+
+
+class AgentConfig(_Section):
+    entrypoint: str = "corral.worker.agents.echo:agent"
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class LimitsConfig(_Section):
+    turn_timeout: Duration = Duration(600)
+    no_progress_timeout: Duration = Duration(120)
+    rss_max: Size = Size(1024**3)
+    cpu_time_per_turn: Duration = Duration(300)
+    output_per_turn: Size = Size(1024**2)
+    max_queue: PositiveInt = 100
+    max_text: Size = Size(64 * 1024)
+    restart_intensity: PositiveInt = 5
+    restart_period: Duration = Duration(60)
+    quarantine: Duration = Duration(600)
+
+
+class HttpChannelConfig(_Section):
+    listen: str = "127.0.0.1:8787"
+    token: str = ""
+
+
+class WebhookConfig(_Section):
+    url: str
+    secret: str = ""
+
+
+class ChannelsConfig(_Section):
+    http: HttpChannelConfig = msgspec.field(default_factory=HttpChannelConfig)
+    webhook: dict[str, WebhookConfig] = msgspec.field(default_factory=dict)
+
+
+class DeliveryConfig(_Section):
+    retry_initial: Duration = Duration(1)
+    retry_max: Duration = Duration(300)
+    max_attempts: PositiveInt = 10
+    max_age: Duration = Duration(3600)
+
+
+class MetricsConfig(_Section):
+    listen: str = "127.0.0.1:9464"
+
+
+class Config(_Section):
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    channels: ChannelsConfig = msgspec.field(default_factory=ChannelsConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.supervisor.state_dir).expanduser()
+
+    @property
+    def control_socket_path(self) -> Path:
+        if self.supervisor.control_socket:
+            return Path(self.supervisor.control_socket).expanduser()
+        return self.state_path / "control.sock"
+
+
+def split_listen(value: str, key: str) -> tuple[str, int]:
+    """"host:port" -> (host, port); "[::1]:80" for IPv6."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_ENTRYPOINT_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_WEBHOOK_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _validate(cfg: Config) -> None:
+    if not _ENTRYPOINT_RE.fullmatch(cfg.agent.entrypoint):
+        raise ConfigError(
+            f"agent.entrypoint: expected \"package.module:callable\", got {cfg.agent.entrypoint!r}"
+        )
+    host, _ = split_listen(cfg.channels.http.listen, "channels.http.listen")
+    if not cfg.channels.http.token and not is_loopback(host):
+        raise ConfigError(
+            "channels.http.token: required when channels.http.listen is not a loopback address"
+        )
+    split_listen(cfg.metrics.listen, "metrics.listen")
+    for name, hook in cfg.channels.webhook.items():
+        if not _WEBHOOK_NAME_RE.fullmatch(name) or name == "http":
+            raise ConfigError(
+                f"channels.webhook.{name}: names are 1-64 characters of A-Z a-z 0-9 _ - "
+                "and not \"http\""
+            )
+        if not hook.url.startswith(("http://", "https://")):
+            raise ConfigError(f"channels.webhook.{name}.url: expected an http(s) URL")
+
+
+def parse_config(data: bytes | str, source: str = "<config>") -> Config:
+    """Decode and validate TOML text; ConfigError names the source and the key."""
+    try:
+        cfg = msgspec.toml.decode(data, type=Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_keyed(str(e))}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        _validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def _keyed(message: str) -> str:
+    """msgspec says "... - at `$.limits.rss_max`"; lead with the key instead."""
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        text, where = message, ""
+    key = where.rstrip("`").removeprefix("$").lstrip(".")
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+        return f"{key + '.' if key else ''}{m[1]}: unknown key"
+    return f"{key}: {text}" if key else text
+
+
+def find_config_path(explicit: str | None) -> Path | None:
+    """--config, then $CORRAL_CONFIG, then ./corral.toml; None means embedded defaults."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("CORRAL_CONFIG"):
+        return Path(env)
+    local = Path("corral.toml")
+    return local if local.exists() else None
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = find_config_path(explicit)
+    if path is None:
+        return Config()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse_config(data, str(path))

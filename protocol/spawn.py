@@ -1,0 +1,58 @@
+"""Messages between the supervisor and the zygote that forks workers.
+
+They travel as single SOCK_SEQPACKET packets (msgpack), so file descriptors (the
+worker's frame socket one way, its pidfd the other) ride along with SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MAX_PACKET = 64 * 1024
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What every worker needs to know, sent once when the zygote starts."""
+
+    entrypoint: str
+    options: dict[str, Any]
+    state_dir: str
+    max_frame: int
+    cpu_time_per_turn: float
+    nice: int = 10
+
+
+# supervisor -> zygote
+class Spawn(msgspec.Struct, tag="spawn", frozen=True):
+    seq: int
+    session: str
+
+
+# zygote -> supervisor
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    pid: int
+
+
+class Spawned(msgspec.Struct, tag="spawned", frozen=True):
+    seq: int
+    pid: int  # the pidfd rides along as the packet's one file descriptor
+
+
+class SpawnFailed(msgspec.Struct, tag="spawn_failed", frozen=True):
+    seq: int
+    error: str
+
+
+class Exited(msgspec.Struct, tag="exited", frozen=True):
+    pid: int
+    status: int  # as from os.waitpid
+
+
+ZygoteMessage = Ready | Spawned | SpawnFailed | Exited
+
+encode = msgspec.msgpack.Encoder().encode
+zygote_decoder = msgspec.msgpack.Decoder(ZygoteMessage)
+spawn_decoder = msgspec.msgpack.Decoder(Spawn)
+settings_decoder = msgspec.msgpack.Decoder(WorkerSettings)

@@ -1,0 +1,1 @@
+"""Channels: where messages come in and replies go out."""

@@ -1,0 +1,224 @@
+"""The HTTP channel: JSON in, replies by `?wait` or by long-poll.
+
+POST /v1/messages                      accept a message (202), or with ?wait=S its replies
+GET  /v1/sessions/{session}/replies    long-poll this channel's replies of a session
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from corral.protocol.config import Config, split_listen
+from corral.protocol.types import ERROR, InvalidSessionKey, Origin, check_session_key
+from corral.supervisor.core import Draining, IdConflict, QueueFull, Supervisor, reply_key
+
+log = logging.getLogger("corral.http")
+
+CHANNEL = "http"
+MAX_WAIT = 300.0
+RETRY_AFTER_DRAINING = "5"
+
+
+class PostMessage(msgspec.Struct, forbid_unknown_fields=True):
+    session: str
+    text: str
+    id: str | None = None
+
+
+class WebhookMessage(msgspec.Struct, forbid_unknown_fields=True):
+    session: str
+    text: str
+    id: str | None = None
+    chat: str = ""
+    thread: str = ""
+    user: str = ""
+    account: str = ""
+
+
+class ReplyOut(msgspec.Struct):
+    text: str
+    kind: str
+
+
+class MessageResult(msgspec.Struct):
+    id: str
+    session: str
+    status: str
+    replies: list[ReplyOut] | msgspec.UnsetType = msgspec.UNSET
+
+
+class PolledReply(msgspec.Struct):
+    id: str
+    in_reply_to: str
+    text: str
+    kind: str
+    cursor: int
+
+
+class PollResult(msgspec.Struct):
+    replies: list[PolledReply]
+    cursor: int
+
+
+_json = msgspec.json.Encoder()
+
+
+def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=_json.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": message}, status, headers)
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _number(request: web.Request, name: str, default: float | None, lo: float, hi: float) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter {name} must be between {lo:g} and {hi:g}")
+    return value
+
+
+ID_MAX = 200
+
+
+class HttpChannel:
+    def __init__(self, supervisor: Supervisor, config: Config) -> None:
+        self.sup = supervisor
+        self.config = config
+        self.token = config.channels.http.token
+        self.max_text = int(config.limits.max_text)
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        # JSON escaping can grow text up to 6x; past that the text is too long anyway
+        app = web.Application(
+            client_max_size=self.max_text * 6 + 64 * 1024, middlewares=[self.guard]
+        )
+        app.router.add_post("/v1/messages", self.post_message)
+        app.router.add_get("/v1/sessions/{session}/replies", self.get_replies)
+        app.router.add_post("/v1/channels/{name}/messages", self.post_channel_message)
+        return app
+
+    async def start(self) -> None:
+        host, port = split_listen(self.config.channels.http.listen, "channels.http.listen")
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, shutdown_timeout=1.0).start()
+        log.info("HTTP channel listening on %s", self.config.channels.http.listen)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.token:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                return error(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
+        try:
+            return await handler(request)
+        except BadRequest as e:
+            return error(400, str(e))
+        except InvalidSessionKey as e:
+            return error(400, str(e))
+        except web.HTTPRequestEntityTooLarge:
+            return error(400, f"request body too large: text is limited to {self.max_text} bytes")
+        except Draining:
+            return error(503, "corral is draining; retry later", {"Retry-After": RETRY_AFTER_DRAINING})
+
+    async def _decode(self, request: web.Request, kind: type[msgspec.Struct]) -> msgspec.Struct:
+        body = await request.read()
+        try:
+            msg = msgspec.json.decode(body, type=kind)
+        except msgspec.ValidationError as e:
+            raise BadRequest(f"invalid message: {e}") from None
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"invalid JSON: {e}") from None
+        check_session_key(msg.session)  # type: ignore[attr-defined]
+        if len(msg.text.encode()) > self.max_text:  # type: ignore[attr-defined]
+            raise BadRequest(f"text too long: the limit is {self.max_text} bytes")
+        if msg.id is not None and not (0 < len(msg.id) <= ID_MAX):  # type: ignore[attr-defined]
+            raise BadRequest(f"id must be 1-{ID_MAX} characters")
+        return msg
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        msg = await self._decode(request, PostMessage)
+        assert isinstance(msg, PostMessage)
+        return await self._accept(request, msg.session, msg.text, msg.id, Origin(channel=CHANNEL))
+
+    async def post_channel_message(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.config.channels.webhook:
+            return error(404, f"no webhook channel named {name!r} is configured")
+        msg = await self._decode(request, WebhookMessage)
+        assert isinstance(msg, WebhookMessage)
+        origin = Origin(channel=name, account=msg.account, chat=msg.chat, thread=msg.thread, user=msg.user)
+        return await self._accept(request, msg.session, msg.text, msg.id, origin)
+
+    async def _accept(
+        self, request: web.Request, session: str, text: str, client_id: str | None, origin: Origin
+    ) -> web.Response:
+        wait = _number(request, "wait", None, 0, MAX_WAIT)
+        try:
+            accepted = await self.sup.accept(session, text, origin, client_id)
+        except QueueFull as e:
+            return error(429, f"{e}; retry later", {"Retry-After": "1"})
+        except IdConflict as e:
+            return error(409, str(e))
+        message = accepted.message
+        if wait is None:
+            return json_response(MessageResult(message.id, message.session, "accepted"), 202)
+        finished = await self.sup.wait_turn(message.id, wait)
+        stored = await self.sup.store.replies_for_message(message.id)
+        replies = [ReplyOut(r.reply.text, r.reply.kind) for r in stored]
+        if not finished:
+            status = "pending"
+        elif any(r.kind == ERROR for r in replies):
+            status = "error"
+        else:
+            status = "done"
+        return json_response(MessageResult(message.id, message.session, status, replies))
+
+    async def get_replies(self, request: web.Request) -> web.Response:
+        session = check_session_key(request.match_info["session"])
+        after = int(_number(request, "after", 0, 0, 2**62) or 0)
+        wait = _number(request, "wait", 0, 0, MAX_WAIT) or 0.0
+        limit = int(_number(request, "limit", 100, 1, 1000) or 100)
+        # watch before the first query, so a reply stored in between still wakes us
+        with self.sup.reply_signals.watch(reply_key(session, CHANNEL)) as new_reply:
+            rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
+            if not rows and wait > 0:
+                try:
+                    async with asyncio.timeout(wait):
+                        await asyncio.shield(new_reply)
+                except TimeoutError:
+                    pass
+                rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
+        replies = [
+            PolledReply(r.reply.id, r.reply.in_reply_to, r.reply.text, r.reply.kind, r.cursor) for r in rows
+        ]
+        cursor = replies[-1].cursor if replies else after
+        return json_response(PollResult(replies, cursor))
+

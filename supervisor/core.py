@@ -1,0 +1,783 @@
+"""The supervisor: sessions, their workers, and the bounds on both.
+
+Everything here runs on one asyncio loop and never waits on a worker without a
+deadline. The verbs, in the order a message meets them:
+
+    accept -> dispatch -> spawn -> start_turn -> (frames) -> end_turn
+                                     \\-> stop -> kill -> reap -> (quarantine)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.protocol import frames, spawn
+from corral.protocol.config import Config
+from corral.protocol.types import (
+    ABNORMAL_REASONS,
+    CPU_LIMIT,
+    CRASHED,
+    DRAIN,
+    ERROR,
+    EVICTED,
+    IDLE as IDLE_EXIT,
+    KILLED,
+    NO_PROGRESS,
+    OUTPUT_LIMIT,
+    PROTOCOL_ERROR,
+    REPLY,
+    RSS_LIMIT,
+    TURN_TIMEOUT,
+    Origin,
+    Reply,
+    Turn,
+    check_session_key,
+)
+from corral.supervisor import proctree
+from corral.supervisor.metrics import Metrics, SessionRow
+from corral.supervisor.spawner import Spawner, SpawnError
+from corral.supervisor.store import DONE, FAILED, Accepted, Message, Store
+from corral.supervisor.workers import (
+    BUSY,
+    IDLE,
+    QUARANTINED,
+    STARTING,
+    STOPPING,
+    ActiveTurn,
+    Worker,
+)
+
+log = logging.getLogger("corral.supervisor")
+worker_log = logging.getLogger("corral.worker")
+
+HELLO_TIMEOUT = 30.0
+SAMPLE_INTERVAL = 0.1  # seconds between watchdog ticks
+SAMPLE_BUDGET = 64  # worker trees sampled per tick, at most: a tick's cost is bounded
+LAG_INTERVAL = 0.1
+MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
+SPAWN_RETRY = 1.0
+
+
+class Draining(Exception):
+    """The supervisor is stopping and accepts nothing new."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+class IdConflict(Exception):
+    pass
+
+
+class UnknownSession(Exception):
+    pass
+
+
+def _mib(n: float) -> str:
+    return f"{n / 1024 / 1024:.0f} MiB"
+
+
+def _secs(s: float) -> str:
+    return f"{s * 1000:.0f}ms" if s < 1 else f"{s:g}s"
+
+
+def describe_status(status: int | None) -> tuple[str, str]:
+    """(reason, plain words) for a worker that died on its own."""
+    if status is None:
+        return CRASHED, "the worker died"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU:
+            return CPU_LIMIT, "CPU time limit exceeded (kernel backstop)"
+        return CRASHED, f"the worker was killed by {signal.Signals(sig).name}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code == 0:
+        return CRASHED, "the worker exited in the middle of the turn"
+    return CRASHED, f"the worker crashed (exit code {code})"
+
+
+def reply_key(session: str, channel: str) -> str:
+    return f"{channel}\n{session}"
+
+
+class Signals:
+    """Per-key wake-ups for long-polls: watch(key) gives a future that the next notify(key)
+    completes; the entry goes away when its last watcher leaves."""
+
+    def __init__(self) -> None:
+        self._futures: dict[str, asyncio.Future[None]] = {}
+        self._watchers: dict[str, int] = {}
+
+    @contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Future[None]]:
+        fut = self._futures.get(key)
+        if fut is None:
+            fut = self._futures[key] = asyncio.get_running_loop().create_future()
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        try:
+            yield fut
+        finally:
+            self._watchers[key] -= 1
+            if not self._watchers[key]:
+                del self._watchers[key]
+                if self._futures.get(key) is fut:
+                    del self._futures[key]
+
+    def notify(self, key: str) -> None:
+        fut = self._futures.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
+@dataclass
+class Session:
+    key: str
+    queue: deque[Message] = field(default_factory=deque)
+    worker: Worker | None = None
+    spawning: bool = False
+    waiting_for_slot: bool = False
+    quarantined_until: float | None = None  # wall clock
+    quarantine_timer: asyncio.TimerHandle | None = None
+    last_exit: str | None = None
+    restarts: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def state(self) -> str:
+        if self.quarantined_until is not None:
+            return QUARANTINED
+        if self.worker is not None:
+            return self.worker.state
+        return STARTING
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def is_empty(self) -> bool:
+        return (
+            self.worker is None
+            and not self.spawning
+            and not self.queue
+            and self.quarantined_until is None
+        )
+
+
+class Supervisor:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        state_dir = config.state_path
+        self.store = store or Store(state_dir / "corral.db")
+        self.max_frame = max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
+        self.spawner = Spawner(
+            spawn.WorkerSettings(
+                entrypoint=config.agent.entrypoint,
+                options=config.agent.options,
+                state_dir=str(state_dir),
+                max_frame=self.max_frame,
+                cpu_time_per_turn=float(self.limits.cpu_time_per_turn),
+            )
+        )
+        self.metrics = Metrics()
+        self.sessions: dict[str, Session] = {}
+        self.workers: dict[int, Worker] = {}
+        self.waiting: deque[Session] = deque()  # sessions waiting for a worker slot
+        self.exit_history: dict[str, deque[float]] = {}
+        self.draining = False
+        self.started_wall = time.time()
+        self.lag = 0.0
+        self._turn_done: dict[str, asyncio.Future[None]] = {}
+        self.reply_signals = Signals()
+        self._turn_ended = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-sampler")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_reply: list[Callable[[Reply], None]] = []  # called for every new reply
+        self.on_tick: list[Callable[[], None]] = []  # called from the healthy loop every 100 ms
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Open the store, start the zygote, and re-queue what the last run left unfinished."""
+        self._loop = asyncio.get_running_loop()
+        self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.store.open()
+        await self.spawner.start()
+        for key, until in (await self.store.quarantines()).items():
+            self.quarantine_until(self.session(key), until)
+        pending = await self.store.pending()
+        for message in pending:
+            s = self.session(message.session)
+            self._turn_done[message.id] = self._loop.create_future()
+            s.queue.append(message)
+        self.metrics.inbox_depth.set(len(pending))
+        if pending:
+            log.info("re-queued %d unfinished messages from the last run", len(pending))
+        for s in list(self.sessions.values()):
+            self.dispatch(s)
+        self.background(self.watch(), "watchdog")
+        self.background(self.measure_lag(), "loop lag")
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait_stop_requested(self) -> None:
+        await self._stop_requested.wait()
+
+    def background(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+        """Run `coro` as an owned task: kept, logged if it fails, cancelled at close."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed", what)
+
+        task = asyncio.get_running_loop().create_task(guarded(), name=what)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Stop intake, let running turns finish for drain_timeout, then stop every worker.
+
+        Bounded by drain_timeout + kill_grace + about a second, whatever workers do.
+        Unfinished messages stay in the inbox for the next start.
+        """
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        grace = float(self.config.supervisor.kill_grace)
+        deadline = loop.time() + float(self.config.supervisor.drain_timeout)
+        while any(w.state == BUSY for w in self.workers.values()):  # ends at the deadline
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._turn_ended.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._turn_ended.wait()
+            except TimeoutError:
+                break
+        for w in list(self.workers.values()):
+            self.stop(w, DRAIN, "the supervisor is stopping", polite=w.state != BUSY)
+        try:
+            async with asyncio.timeout(grace + 0.5):
+                while self.workers:  # ends when every worker is reaped (SIGKILL at kill_grace)
+                    self._turn_ended.clear()
+                    await self._turn_ended.wait()
+        except TimeoutError:
+            log.error("%d workers not reaped after drain", len(self.workers))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        await self.spawner.stop()
+        for w in list(self.workers.values()):
+            w.close()
+        await self.store.close()
+        self._sampler.shutdown(wait=False, cancel_futures=True)
+
+    # ---- intake
+
+    def session(self, key: str) -> Session:
+        s = self.sessions.get(key)
+        if s is None:
+            s = self.sessions[key] = Session(key)
+        return s
+
+    async def accept(
+        self, session: str, text: str, origin: Origin, client_id: str | None = None
+    ) -> Accepted:
+        """Store a message durably and queue its turn. Raises Draining or QueueFull."""
+        check_session_key(session)
+        if self.draining:
+            raise Draining()
+        s = self.sessions.get(session)
+        if s is not None and s.queue_depth >= self.limits.max_queue:
+            raise QueueFull(f"session {session} has {s.queue_depth} messages waiting")
+        accepted = await self.store.accept(session, text, origin, client_id)
+        message = accepted.message
+        if accepted.duplicate:
+            if message.session != session:
+                raise IdConflict(f"id {message.id!r} was already used for another session")
+            return accepted
+        self.metrics.accepted.labels(origin.channel).inc()
+        self.metrics.inbox_depth.inc()
+        self._turn_done[message.id] = asyncio.get_running_loop().create_future()
+        s = self.session(session)
+        s.queue.append(message)
+        s.last_used = time.monotonic()
+        self.dispatch(s)
+        return accepted
+
+    async def wait_turn(self, message_id: str, timeout: float) -> bool:
+        """Wait until the message's turn has ended; False if it has not within `timeout`."""
+        fut = self._turn_done.get(message_id)
+        if fut is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
+            return True
+        except TimeoutError:
+            return False
+
+    # ---- dispatch
+
+    def dispatch(self, s: Session) -> None:
+        """Move a session forward: spawn a worker, start the next turn, or go idle."""
+        if s.quarantined_until is not None:
+            if s.queue:
+                self.background(self.refuse_queued(s), f"refuse {s.key}")
+            return
+        w = s.worker
+        if w is None:
+            if s.queue and not self.draining and not s.spawning and not s.waiting_for_slot:
+                self.request_worker(s)
+            elif s.is_empty():
+                self.sessions.pop(s.key, None)
+            return
+        if w.state != IDLE:
+            return
+        if s.queue and not self.draining:
+            if w.idle_timer is not None:
+                w.idle_timer.cancel()
+                w.idle_timer = None
+            message = s.queue.popleft()
+            w.state = BUSY
+            self.background(self.start_turn(s, w, message), f"turn {message.id}")
+        elif w.idle_timer is None and not self.draining:
+            w.idle_timer = asyncio.get_running_loop().call_later(
+                float(self.config.supervisor.idle_timeout),
+                lambda: self.stop(w, IDLE_EXIT, "idle", polite=True),
+            )
+
+    def live_workers(self) -> int:
+        return len(self.workers) + sum(1 for s in self.sessions.values() if s.spawning)
+
+    def request_worker(self, s: Session) -> None:
+        if self.live_workers() >= self.config.supervisor.max_workers:
+            self.evict_one()
+            s.waiting_for_slot = True
+            self.waiting.append(s)
+            return
+        s.spawning = True
+        self.background(self.spawn(s), f"spawn {s.key}")
+
+    def evict_one(self) -> None:
+        """Stop the least recently used idle worker to make room."""
+        candidates = [
+            s
+            for s in self.sessions.values()
+            if s.worker is not None and s.worker.state == IDLE and not s.queue
+        ]
+        if candidates:
+            victim = min(candidates, key=lambda s: s.last_used)
+            assert victim.worker is not None
+            self.stop(victim.worker, EVICTED, "evicted to make room", polite=True)
+
+    def admit_waiting(self) -> None:
+        while self.waiting and self.live_workers() < self.config.supervisor.max_workers:
+            s = self.waiting.popleft()
+            s.waiting_for_slot = False
+            self.dispatch(s)
+
+    async def spawn(self, s: Session) -> None:
+        try:
+            spawned = await self.spawner.spawn(s.key)
+        except (SpawnError, TimeoutError) as e:
+            s.spawning = False
+            log.error("session %s: cannot start a worker: %s", s.key, e)
+            await self.record_abnormal_exit(s)
+            asyncio.get_running_loop().call_later(SPAWN_RETRY, self.dispatch, s)
+            return
+        s.spawning = False
+        w = Worker(s.key, spawned, self.on_worker_exit)
+        s.worker = w
+        s.restarts += 1
+        self.workers[w.pid] = w
+        self.background(self.serve_worker(s, w), f"worker {s.key}")
+
+    # ---- a worker's life
+
+    async def serve_worker(self, s: Session, w: Worker) -> None:
+        """Read the worker's frames until it ends, then reap it. Owns the worker."""
+        loop = asyncio.get_running_loop()
+        decoder = frames.decoder_for_worker_frames()
+        try:
+            reader, w.writer = await asyncio.open_unix_connection(sock=w.sock)
+            async with asyncio.timeout(HELLO_TIMEOUT) as scope:
+                w.read_scope = scope
+                hello = await frames.read_frame_async(reader, decoder, self.max_frame)
+            if not isinstance(hello, frames.Hello) or hello.version != frames.PROTOCOL_VERSION:
+                raise frames.FrameError(f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}")
+            self.metrics.spawn_seconds.observe(w.spawn_seconds + loop.time() - w.started)
+            if w.state == STARTING:
+                w.state = IDLE
+                self.dispatch(s)
+            async with asyncio.timeout(None) as scope:
+                w.read_scope = scope
+                while True:  # ends at EOF, a bad frame, or a second after the worker died
+                    frame = await frames.read_frame_async(reader, decoder, self.max_frame)
+                    if frame is None:
+                        break
+                    await self.on_frame(s, w, frame)
+        except frames.FrameError as e:
+            self.stop(w, PROTOCOL_ERROR, f"the worker broke the protocol ({e})")
+        except TimeoutError:
+            if not w.dead.is_set():
+                self.stop(w, PROTOCOL_ERROR, f"the worker sent no hello within {HELLO_TIMEOUT:g}s")
+        except OSError as e:
+            log.debug("session %s: worker socket: %s", s.key, e)
+        if not w.dead.is_set():
+            try:
+                async with asyncio.timeout(1.0):
+                    await w.dead.wait()
+            except TimeoutError:
+                self.stop(w, PROTOCOL_ERROR, "the worker closed its socket but kept running")
+            try:
+                async with asyncio.timeout(float(self.config.supervisor.kill_grace) + 5.0):
+                    await w.dead.wait()
+            except TimeoutError:
+                log.error("session %s: worker %d survived SIGKILL; giving up on it", s.key, w.pid)
+        await self.reap(s, w)
+
+    def on_worker_exit(self, w: Worker) -> None:
+        # Frames the worker wrote before dying are still in the socket: read them for
+        # a second more (a forked stray may hold the socket open forever).
+        if w.read_scope is not None and not w.read_scope.expired():
+            w.read_scope.reschedule(asyncio.get_running_loop().time() + 1.0)
+
+    async def on_frame(self, s: Session, w: Worker, frame: frames.WorkerFrame) -> None:
+        loop = asyncio.get_running_loop()
+        t = w.turn
+        if isinstance(frame, frames.Log):
+            worker_log.log(
+                frame.level, "[%s] %s: %s", s.key, frame.logger, frame.message, extra={"session": s.key}
+            )
+            self.count_output(w, len(frame.message))
+            return
+        if isinstance(frame, frames.Hello):
+            raise frames.FrameError("a second hello frame")
+        if t is None or frame.turn_id != t.message.id:
+            if w.stop_reason:
+                return  # the turn has been given up on; late frames are dropped
+            raise frames.FrameError(f"{type(frame).__name__} frame for a turn that is not running")
+        match frame:
+            case frames.ReplyFrame(text=text):
+                if not self.count_output(w, len(text.encode())):
+                    return
+                t.last_progress = loop.time()
+                index = t.next_index
+                t.next_index += 1
+                await self.send_reply(t.message, index, text, REPLY)
+            case frames.Progress(note=note):
+                if self.count_output(w, len(note)):
+                    t.last_progress = loop.time()
+            case frames.Done(error=error):
+                await self.end_turn(s, w, error)
+
+    def count_output(self, w: Worker, n: int) -> bool:
+        """Charge `n` bytes to the turn's output; False (and stop) once over the bound."""
+        if w.turn is None or w.stop_reason:
+            return w.stop_reason is None
+        w.turn.output += n
+        limit = int(self.limits.output_per_turn)
+        if w.turn.output > limit:
+            self.stop(w, OUTPUT_LIMIT, f"output limit exceeded (more than {_mib(limit)} in one turn)")
+            return False
+        return True
+
+    async def start_turn(self, s: Session, w: Worker, message: Message) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = await self.store.start_attempt(message.id)
+        if w.stop_reason is not None:  # stopped while we waited for the store
+            s.queue.appendleft(message)
+            return
+        if attempt > MAX_STARTS:
+            await self.send_reply(
+                message,
+                0,
+                f"turn not run again: it was interrupted {attempt - 1} times [{CRASHED}]",
+                ERROR,
+            )
+            await self.finish(message, FAILED)
+            w.state = IDLE
+            self.dispatch(s)
+            return
+        now = loop.time()
+        w.turn = ActiveTurn(message=message, attempt=attempt, started=now, last_progress=now, cpu_base=w.cpu)
+        w.send(
+            frames.TurnFrame(
+                Turn(id=message.id, session=s.key, text=message.text, origin=message.origin, attempt=attempt)
+            )
+        )
+        self.check_deadlines(w)
+
+    def check_deadlines(self, w: Worker) -> None:
+        """The turn's one timer: fires at the nearer of the turn and no-progress deadlines."""
+        t = w.turn
+        if t is None or w.stop_reason:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        turn_deadline = t.started + float(self.limits.turn_timeout)
+        progress_deadline = t.last_progress + float(self.limits.no_progress_timeout)
+        if now >= turn_deadline:
+            self.stop(w, TURN_TIMEOUT, f"turn took longer than {_secs(self.limits.turn_timeout)}")
+        elif now >= progress_deadline:
+            self.stop(w, NO_PROGRESS, f"no progress for {_secs(self.limits.no_progress_timeout)}")
+        else:
+            t.timer = loop.call_at(min(turn_deadline, progress_deadline), self.check_deadlines, w)
+
+    async def end_turn(self, s: Session, w: Worker, error: str | None) -> None:
+        t = w.turn
+        assert t is not None
+        if t.timer:
+            t.timer.cancel()
+        if error is not None:
+            await self.send_reply(t.message, t.next_index, f"turn failed: the agent raised {error}", ERROR)
+            t.failed = True
+        await self.finish(t.message, FAILED if t.failed else DONE)
+        self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
+        w.turn = None
+        if w.state == BUSY:
+            w.state = IDLE
+        s.last_used = time.monotonic()
+        self._turn_ended.set()
+        self.dispatch(s)
+
+    async def send_reply(self, message: Message, index: int, text: str, kind: str) -> None:
+        reply = await self.store.add_reply(message, index, text, kind)
+        if reply is None:
+            return  # shown already, by an earlier run of the same turn
+        if kind == ERROR:
+            log.warning("session %s: %s", message.session, text)
+        self.reply_signals.notify(reply_key(message.session, message.origin.channel))
+        for listener in self.on_reply:
+            listener(reply)
+
+    async def finish(self, message: Message, state: str) -> None:
+        await self.store.finish(message.id, state)
+        self.metrics.inbox_depth.dec()
+        fut = self._turn_done.pop(message.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # ---- stopping workers
+
+    def stop(self, w: Worker, reason: str, detail: str, polite: bool = False) -> None:
+        """End a worker: a Shutdown frame (polite) or SIGTERM to its tree, SIGKILL after kill_grace."""
+        if w.stop_reason is not None or w.dead.is_set():
+            return
+        w.stop_reason = reason
+        w.stop_detail = detail
+        w.state = STOPPING
+        w.cancel_timers()
+        if reason not in (IDLE_EXIT, EVICTED, DRAIN):
+            log.warning("session %s: stopping worker %d: %s [%s]", w.session, w.pid, detail, reason)
+        if polite:
+            w.send(frames.Shutdown(reason=reason))
+        else:
+            self.signal_tree(w, signal.SIGTERM)
+        w.kill_timer = asyncio.get_running_loop().call_later(
+            float(self.config.supervisor.kill_grace), self.kill, w
+        )
+
+    def kill(self, w: Worker) -> None:
+        if not w.dead.is_set():
+            self.signal_tree(w, signal.SIGKILL)
+
+    def signal_tree(self, w: Worker, sig: int) -> None:
+        """Signal the worker now, and its descendants from the sampler's thread."""
+        w.signal(sig)
+        if sig != signal.SIGKILL:
+            w.signal(signal.SIGCONT)  # a stopped worker acts on SIGTERM only once continued
+        fd = w.dup_pidfd()
+        if fd is None:
+            return
+
+        def walk() -> int:
+            try:
+                return proctree.signal_descendants(fd, w.pid, sig)
+            finally:
+                os.close(fd)
+
+        self.background(self.in_sampler(walk), f"signal {w.session}")
+
+    async def in_sampler(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._sampler, fn)
+
+    async def reap(self, s: Session, w: Worker) -> None:
+        """The worker is dead: account for it, answer its turn, free its slot."""
+        w.status = await self.spawner.exit_status(w.pid, timeout=1.0)
+        own_reason, own_detail = describe_status(w.status)
+        reason = w.stop_reason or own_reason
+        detail = w.stop_detail or own_detail
+        w.close()
+        self.workers.pop(w.pid, None)
+        self.metrics.worker_exits.labels(reason).inc()
+        s.last_exit = reason
+        t = w.turn
+        w.turn = None
+        if t is not None:
+            if reason == DRAIN:
+                await self.store.start_attempt_undone(t.message.id)
+                s.queue.appendleft(t.message)
+            else:
+                await self.send_reply(t.message, t.next_index, f"turn stopped: {detail} [{reason}]", ERROR)
+                await self.finish(t.message, FAILED)
+        if reason in ABNORMAL_REASONS:
+            await self.record_abnormal_exit(s)
+        if s.worker is w:
+            s.worker = None
+        self._turn_ended.set()
+        self.admit_waiting()
+        self.dispatch(s)
+
+    # ---- crash loops
+
+    async def record_abnormal_exit(self, s: Session) -> None:
+        now = time.monotonic()
+        period = float(self.limits.restart_period)
+        history = self.exit_history.setdefault(s.key, deque())
+        history.append(now)
+        while history and history[0] < now - period:
+            history.popleft()
+        if len(history) > self.limits.restart_intensity and s.quarantined_until is None:
+            count = len(history)
+            history.clear()
+            until = time.time() + float(self.limits.quarantine)
+            log.error("session %s: %d abnormal exits within %s: quarantined", s.key, count, _secs(period))
+            await self.store.set_quarantine(s.key, until)
+            self.quarantine_until(s, until)
+
+    def quarantine_until(self, s: Session, until: float) -> None:
+        s.quarantined_until = until
+        if s.quarantine_timer:
+            s.quarantine_timer.cancel()
+        delay = max(0.0, until - time.time())
+        s.quarantine_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: self.background(self.release(s.key), f"release {s.key}")
+        )
+        self.dispatch(s)
+
+    async def release(self, key: str) -> bool:
+        s = self.sessions.get(key)
+        if s is None or s.quarantined_until is None:
+            return False
+        s.quarantined_until = None
+        if s.quarantine_timer:
+            s.quarantine_timer.cancel()
+            s.quarantine_timer = None
+        self.exit_history.pop(key, None)
+        await self.store.set_quarantine(key, None)
+        log.info("session %s: released from quarantine", key)
+        self.dispatch(s)
+        return True
+
+    async def refuse_queued(self, s: Session) -> None:
+        """Answer every queued message of a quarantined session with an error."""
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(s.quarantined_until or 0))
+        while s.queue and s.quarantined_until is not None:  # ends when the queue is empty
+            message = s.queue.popleft()
+            await self.send_reply(
+                message,
+                0,
+                f"session quarantined after repeated worker failures; messages are refused "
+                f"until {when} or `corral release {s.key}` [quarantined]",
+                ERROR,
+            )
+            await self.finish(message, FAILED)
+
+    # ---- operator actions
+
+    def kill_session(self, key: str, force: bool) -> Worker:
+        s = self.sessions.get(key)
+        if s is None or s.worker is None:
+            raise UnknownSession(key)
+        w = s.worker
+        if force:
+            self.stop(w, KILLED, "killed by an operator")
+            self.kill(w)
+        else:
+            self.stop(w, KILLED, "stopped by an operator")
+        return w
+
+    # ---- watching
+
+    async def watch(self) -> None:
+        """The watchdog: sample worker trees on a bounded budget and enforce rss/cpu bounds."""
+        loop = asyncio.get_running_loop()
+        while True:  # ends when cancelled at close
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            batch = self.pick_for_sampling()
+            if not batch:
+                continue
+            pids = [w.pid for w in batch]
+            samples = await loop.run_in_executor(self._sampler, _sample_all, pids)
+            now = loop.time()
+            for w, sample in zip(batch, samples, strict=True):
+                if sample is None or w.dead.is_set():
+                    continue
+                w.sample = sample
+                w.sampled_at = now
+                self.check_resources(w)
+
+    def pick_for_sampling(self) -> list[Worker]:
+        """Busy workers first, then the longest unsampled; at most SAMPLE_BUDGET."""
+        live = [w for w in self.workers.values() if not w.dead.is_set()]
+        live.sort(key=lambda w: (w.state != BUSY, w.sampled_at))
+        return live[:SAMPLE_BUDGET]
+
+    def check_resources(self, w: Worker) -> None:
+        rss_max = int(self.limits.rss_max)
+        if w.rss > rss_max:
+            self.stop(w, RSS_LIMIT, f"memory limit exceeded (rss {_mib(w.rss)} > {_mib(rss_max)})")
+            return
+        if w.turn is not None:
+            used = w.cpu - w.turn.cpu_base
+            limit = float(self.limits.cpu_time_per_turn)
+            if used > limit:
+                self.stop(w, CPU_LIMIT, f"CPU time limit exceeded ({used:.1f}s > {limit:g}s in this turn)")
+
+    async def measure_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:  # ends when cancelled at close
+            before = loop.time()
+            await asyncio.sleep(LAG_INTERVAL)
+            self.lag = max(0.0, loop.time() - before - LAG_INTERVAL)
+            self.metrics.loop_lag.observe(self.lag)
+            for hook in self.on_tick:
+                hook()
+
+    # ---- views
+
+    def session_rows(self) -> list[SessionRow]:
+        return [
+            SessionRow(s.key, s.state, s.worker.rss if s.worker else 0, s.worker.cpu if s.worker else 0.0,
+                       s.queue_depth, s.worker is not None)
+            for s in self.sessions.values()
+        ]
+
+
+def _sample_all(pids: list[int]) -> list[proctree.TreeSample | None]:
+    return [proctree.sample_tree(pid) for pid in pids]
+

@@ -1,0 +1,109 @@
+"""Prometheus metrics: process-wide counters and histograms, plus per-session series
+read from the live session table at scrape time (they vanish with the worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from corral.protocol.types import EXIT_REASONS
+
+STATES = ("starting", "idle", "busy", "stopping", "quarantined")
+
+
+class SessionRow(NamedTuple):
+    session: str
+    state: str
+    rss: int
+    cpu: float
+    queue: int
+    has_worker: bool
+
+
+class SessionCollector(Collector):
+    """Per-session series from a snapshot the loop takes just before the scrape."""
+
+    def __init__(self) -> None:
+        self.rows: list[SessionRow] = []
+
+    def collect(self) -> Iterator[Metric]:
+        rss = GaugeMetricFamily(
+            "corral_session_rss_bytes", "RSS of the session worker's process tree", labels=["session"]
+        )
+        cpu = CounterMetricFamily(
+            "corral_session_cpu_seconds",
+            "CPU time of the session worker's process tree",
+            labels=["session"],
+        )
+        queue = GaugeMetricFamily(
+            "corral_session_queue_depth", "Messages waiting for the session", labels=["session"]
+        )
+        state = GaugeMetricFamily(
+            "corral_session_state", "1 for the session's current state", labels=["session", "state"]
+        )
+        workers = GaugeMetricFamily("corral_workers", "Sessions by state", labels=["state"])
+        counts = dict.fromkeys(STATES, 0)
+        for row in self.rows:
+            if row.has_worker:
+                rss.add_metric([row.session], row.rss)
+                cpu.add_metric([row.session], row.cpu)
+            queue.add_metric([row.session], row.queue)
+            for s in STATES:
+                state.add_metric([row.session, s], 1.0 if s == row.state else 0.0)
+            counts[row.state] = counts.get(row.state, 0) + 1
+        for s, n in counts.items():
+            workers.add_metric([s], n)
+        yield from (rss, cpu, queue, state, workers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = SessionCollector()
+        r.register(self.sessions)
+        self.worker_exits = Counter(
+            "corral_worker_exits", "Worker exits by reason", ["reason"], registry=r
+        )
+        for reason in EXIT_REASONS:
+            self.worker_exits.labels(reason)
+        self.spawn_seconds = Histogram(
+            "corral_worker_spawn_seconds",
+            "Time from spawn request to worker hello",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.turn_seconds = Histogram(
+            "corral_turn_duration_seconds",
+            "Turn duration",
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600),
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "corral_loop_lag_seconds",
+            "How late the supervisor's event loop ran a 100 ms timer",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=r,
+        )
+        self.accepted = Counter(
+            "corral_messages_accepted", "Messages accepted (durably stored)", ["channel"], registry=r
+        )
+        self.delivered = Counter(
+            "corral_replies_delivered", "Replies delivered to their channel", ["channel"], registry=r
+        )
+        self.delivery_failures = Counter(
+            "corral_delivery_failures", "Failed delivery attempts", ["channel"], registry=r
+        )
+        self.dead_letters = Counter(
+            "corral_dead_letters", "Replies given up on", ["channel"], registry=r
+        )
+        self.inbox_depth = Gauge(
+            "corral_inbox_depth", "Accepted messages whose turn has not ended", registry=r
+        )
+
+    def snapshot(self, rows: Iterable[SessionRow]) -> None:
+        self.sessions.rows = list(rows)

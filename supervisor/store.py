@@ -1,0 +1,397 @@
+"""Durable state: the inbox, the outbox, session records.
+
+SQLite in WAL mode, used from one dedicated thread that commits in groups: every
+operation queued while a commit is in flight goes into the next transaction, so
+a burst of accepts costs one fsync. The event loop only awaits futures.
+
+The interface is small on purpose (accept, start, finish, add_reply, queries) so a
+store on another database can take its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from corral.protocol.types import ERROR, Origin, Reply, reply_id
+
+log = logging.getLogger("corral.store")
+T = TypeVar("T")
+
+PENDING = "pending"
+DONE = "done"
+FAILED = "error"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    session TEXT NOT NULL,
+    text TEXT NOT NULL,
+    origin BLOB NOT NULL,
+    accepted_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, seq);
+CREATE TABLE IF NOT EXISTS replies (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    message_id TEXT NOT NULL,
+    session TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    origin BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    delivery TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS replies_by_session ON replies (session, channel, cursor);
+CREATE INDEX IF NOT EXISTS replies_by_message ON replies (message_id, idx);
+CREATE INDEX IF NOT EXISTS replies_undelivered ON replies (delivery, next_attempt_at);
+CREATE TABLE IF NOT EXISTS sessions (
+    key TEXT PRIMARY KEY,
+    quarantined_until REAL
+);
+"""
+
+_origin_encode = msgspec.json.Encoder().encode
+_origin_decode = msgspec.json.Decoder(Origin).decode
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """An accepted inbound message."""
+
+    id: str
+    session: str
+    text: str
+    origin: Origin
+    seq: int
+    attempts: int = 0
+    state: str = PENDING
+
+
+class StoredReply(msgspec.Struct, frozen=True, kw_only=True):
+    reply: Reply
+    cursor: int
+    delivery: str
+    attempts: int
+    created_at: float
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    message: Message
+    duplicate: bool
+
+
+class StoreClosed(Exception):
+    pass
+
+
+_STOP = object()
+
+
+class Store:
+    def __init__(self, path: Path, durable: bool = True) -> None:
+        self.path = path
+        self.durable = durable
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed: asyncio.Future[None] | None = None
+
+    # ---- lifecycle
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="corral-store", daemon=True)
+        self._thread.start()
+        await ready
+
+    async def close(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._closed is None:
+            return
+        self._queue.put(_STOP)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._closed
+        except TimeoutError:
+            log.error("store thread did not finish within %.0fs", timeout)
+        self._thread = None
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'OFF'}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+        except Exception as e:
+            self._loop.call_soon_threadsafe(_settle, ready, None, e)
+            return
+        self._loop.call_soon_threadsafe(_settle, ready, None, None)
+        stopping = False
+        while not stopping:  # ends at the _STOP sentinel from close()
+            batch = [self._queue.get()]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            results = []
+            conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                fn, fut = item
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((fut, fn(conn), None))
+                    conn.execute("RELEASE op")
+                except Exception as e:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((fut, None, e))
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                log.error("store commit failed: %s", e)
+                conn.execute("ROLLBACK")
+                results = [(fut, None, e) for fut, _, _ in results]
+            for fut, value, error in results:
+                self._loop.call_soon_threadsafe(_settle, fut, value, error)
+        conn.close()
+        self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._thread is None or self._loop is None:
+            raise StoreClosed("the store is closed")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, fut))
+        return fut
+
+    # ---- inbox
+
+    async def accept(self, session: str, text: str, origin: Origin, client_id: str | None) -> Accepted:
+        """Store a message durably; the same client id twice returns the first one."""
+        message_id = client_id or uuid.uuid4().hex
+
+        def op(conn: sqlite3.Connection) -> Accepted:
+            row = conn.execute(
+                "SELECT seq, id, session, text, origin, attempts, state FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is not None:
+                return Accepted(_message(row), True)
+            cur = conn.execute(
+                "INSERT INTO messages (id, session, text, origin, accepted_at) VALUES (?, ?, ?, ?, ?)",
+                (message_id, session, text, _origin_encode(origin), time.time()),
+            )
+            seq = cur.lastrowid
+            assert seq is not None
+            return Accepted(
+                Message(id=message_id, session=session, text=text, origin=origin, seq=seq), False
+            )
+
+        return await self._submit(op)
+
+    async def pending(self) -> list[Message]:
+        """Every message whose turn has not ended, in the order accepted."""
+
+        def op(conn: sqlite3.Connection) -> list[Message]:
+            rows = conn.execute(
+                "SELECT seq, id, session, text, origin, attempts, state FROM messages "
+                "WHERE state = 'pending' ORDER BY seq"
+            ).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def get_message(self, message_id: str) -> Message | None:
+        def op(conn: sqlite3.Connection) -> Message | None:
+            row = conn.execute(
+                "SELECT seq, id, session, text, origin, attempts, state FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            return _message(row) if row else None
+
+        return await self._submit(op)
+
+    async def start_attempt(self, message_id: str) -> int:
+        """Count a start of the message's turn, durably, before it runs; the new count."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "UPDATE messages SET attempts = attempts + 1 WHERE id = ? RETURNING attempts",
+                (message_id,),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._submit(op)
+
+    async def start_attempt_undone(self, message_id: str) -> None:
+        """Take back a start that the supervisor itself interrupted (drain): not the message's fault."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE messages SET attempts = max(attempts - 1, 0) WHERE id = ?", (message_id,)
+            )
+
+        await self._submit(op)
+
+    async def finish(self, message_id: str, state: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
+                (state, time.time(), message_id),
+            )
+
+        await self._submit(op)
+
+    # ---- outbox
+
+    async def add_reply(self, message: Message, index: int, text: str, kind: str) -> Reply | None:
+        """Store a reply keyed by (message, index); None if that reply exists already."""
+        reply = Reply(
+            id=reply_id(message.id, index),
+            in_reply_to=message.id,
+            session=message.session,
+            index=index,
+            text=text,
+            kind=kind,
+            origin=message.origin,
+        )
+
+        def op(conn: sqlite3.Connection) -> Reply | None:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO replies (id, message_id, session, idx, text, kind, channel, "
+                "origin, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reply.id,
+                    message.id,
+                    message.session,
+                    index,
+                    text,
+                    kind,
+                    message.origin.channel,
+                    _origin_encode(message.origin),
+                    time.time(),
+                ),
+            )
+            return reply if cur.rowcount else None
+
+        return await self._submit(op)
+
+    async def replies_for_message(self, message_id: str) -> list[StoredReply]:
+        def op(conn: sqlite3.Connection) -> list[StoredReply]:
+            rows = conn.execute(
+                f"SELECT {_REPLY_COLUMNS} FROM replies WHERE message_id = ? ORDER BY idx",
+                (message_id,),
+            ).fetchall()
+            return [_stored_reply(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def replies_after(
+        self, session: str, channel: str, after: int, limit: int
+    ) -> list[StoredReply]:
+        def op(conn: sqlite3.Connection) -> list[StoredReply]:
+            rows = conn.execute(
+                f"SELECT {_REPLY_COLUMNS} FROM replies WHERE session = ? AND channel = ? "
+                "AND cursor > ? ORDER BY cursor LIMIT ?",
+                (session, channel, after, limit),
+            ).fetchall()
+            return [_stored_reply(r) for r in rows]
+
+        return await self._submit(op)
+
+    # ---- sessions
+
+    async def set_quarantine(self, session: str, until: float | None) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if until is None:
+                conn.execute("DELETE FROM sessions WHERE key = ?", (session,))
+            else:
+                conn.execute(
+                    "INSERT INTO sessions (key, quarantined_until) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET quarantined_until = excluded.quarantined_until",
+                    (session, until),
+                )
+
+        await self._submit(op)
+
+    async def quarantines(self) -> dict[str, float]:
+        """Sessions quarantined until a wall-clock time still to come."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, float]:
+            rows = conn.execute(
+                "SELECT key, quarantined_until FROM sessions WHERE quarantined_until > ?",
+                (time.time(),),
+            ).fetchall()
+            return {k: float(u) for k, u in rows}
+
+        return await self._submit(op)
+
+
+_REPLY_COLUMNS = "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
+
+
+def _message(row: tuple[Any, ...]) -> Message:
+    seq, id_, session, text, origin, attempts, state = row
+    return Message(
+        id=id_,
+        session=session,
+        text=text,
+        origin=_origin_decode(origin),
+        seq=seq,
+        attempts=attempts,
+        state=state,
+    )
+
+
+def _stored_reply(row: tuple[Any, ...]) -> StoredReply:
+    cursor, id_, message_id, session, idx, text, kind, origin, delivery, attempts, created = row
+    reply = Reply(
+        id=id_,
+        in_reply_to=message_id,
+        session=session,
+        index=idx,
+        text=text,
+        kind=kind,
+        origin=_origin_decode(origin),
+    )
+    return StoredReply(
+        reply=reply, cursor=cursor, delivery=delivery, attempts=attempts, created_at=created
+    )
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+__all__ = ["DONE", "ERROR", "FAILED", "PENDING", "Accepted", "Message", "Store", "StoredReply"]

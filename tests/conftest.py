@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Corral
+
+
+@pytest.fixture
+def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
+    """Start `corral serve` with extra TOML; stopped, and checked for leftovers, at teardown."""
+    started: list[Corral] = []
+
+    def start(config: dict[str, dict[str, Any]] | None = None,
+              agent: str = "corral.worker.agents.echo:agent") -> Corral:
+        c = Corral(tmp_path / f"run{len(started)}", config, agent)
+        started.append(c)
+        return c.start()
+
+    yield start
+    for c in started:
+        if c.proc is not None and c.proc.poll() is None:
+            code = c.stop()
+            assert code == 0, f"corral serve exited {code}:\n{c.log()[-4000:]}"
+        left = c.leftovers()
+        assert not left, f"processes left behind: {left}"

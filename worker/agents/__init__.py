@@ -1,0 +1,1 @@
+"""Built-in agents: `echo`, and `chaos`, the fault injector."""

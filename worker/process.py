@@ -1,0 +1,68 @@
+"""What a freshly forked worker does to itself before it runs agent code."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_NO_NEW_PRIVS = 38
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, arg: int) -> None:
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Get `sig` when the parent dies; exit at once if it already has."""
+    parent = os.getppid()
+    prctl(_PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are re-parented to us instead of init.
+
+    A worker's double-forked, setsid'd grandchild thereby stays in the worker's
+    process tree, where sampling counts it and the kill path finds it.
+    """
+    prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def no_new_privs() -> None:
+    prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def set_cpu_backstop(seconds: float) -> None:
+    """Let the kernel end this process (SIGXCPU) after `seconds` more CPU time.
+
+    The supervisor's sampling is the primary CPU bound; this catches a worker the
+    sampler cannot see in time. Only the soft limit moves, so it can be raised again.
+    """
+    used = sum(os.times()[:2])
+    soft = int(used + seconds) + 1
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def confine(nice: int) -> None:
+    """Own session and process group, lower priority, no core files, no privilege gain."""
+    os.setsid()
+    die_with_parent()
+    become_subreaper()
+    no_new_privs()
+    os.nice(nice)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # the zygote handles some of these itself; the worker starts from the defaults
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,175 @@
+"""The worker runtime: one process, one session, one turn at a time.
+
+The frame loop reads a turn, calls the agent, and sends replies, progress, log
+records and a final Done frame back over the worker's own socket. Nothing here
+reports progress on the agent's behalf: a stuck agent looks stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from corral.protocol import frames
+from corral.protocol.spawn import WorkerSettings
+from corral.protocol.types import HistoryEntry, Turn
+from corral.worker.process import set_cpu_backstop
+from corral.worker.transcript import Transcript
+
+Agent = Callable[[Turn, "Context"], Any]
+
+
+class AgentLoadError(Exception):
+    pass
+
+
+def load_agent(entrypoint: str) -> Agent:
+    module_name, _, attr = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise AgentLoadError(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+    agent = getattr(module, attr, None)
+    if not callable(agent):
+        raise AgentLoadError(f"{entrypoint!r}: {module_name} has no callable {attr!r}")
+    return agent  # type: ignore[no-any-return]
+
+
+class Connection:
+    """The worker's end of its frame socket; writes are serialised across threads."""
+
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self._lock = threading.Lock()
+        self._decoder = frames.decoder_for_supervisor_frames()
+
+    def send(self, frame: msgspec.Struct) -> None:
+        data = frames.encode(frame)
+        with self._lock:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                # The supervisor is gone or has dropped us: nobody is left to serve.
+                os._exit(1)
+
+    def receive(self) -> frames.SupervisorFrame | None:
+        return frames.read_frame(self.sock, self._decoder, self.max_frame)  # type: ignore[no-any-return]
+
+
+class FrameLogHandler(logging.Handler):
+    """Carries log records to the supervisor, which re-emits them tagged with the session."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:
+            message = str(record.msg)
+        self.conn.send(frames.Log(level=record.levelno, logger=record.name, message=message))
+
+
+class Context:
+    """What an agent gets besides the turn."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        turn: Turn,
+        transcript: Transcript,
+        options: dict[str, Any],
+        state_dir: Path,
+    ) -> None:
+        self._conn = conn
+        self._turn = turn
+        self._transcript = transcript
+        self._lock = threading.Lock()
+        self.options = options
+        self.state_dir = state_dir
+        self.session = turn.session
+        self.log = logging.getLogger("corral.agent")
+
+    def reply(self, text: str) -> None:
+        """Send one reply to the user; also resets the no-progress deadline."""
+        if not isinstance(text, str):
+            raise TypeError(f"reply text must be str, not {type(text).__name__}")
+        with self._lock:  # transcript order matches the order the supervisor numbers them
+            self._transcript.append("assistant", text, self._turn.id)
+            self._conn.send(frames.ReplyFrame(turn_id=self._turn.id, text=text))
+
+    def progress(self, note: str = "") -> None:
+        """Tell the supervisor the turn is still moving (resets the no-progress deadline)."""
+        self._conn.send(frames.Progress(turn_id=self._turn.id, note=str(note)))
+
+    def history(self) -> list[HistoryEntry]:
+        """The session's transcript, oldest first, without the current turn's lines.
+
+        A turn run again after a supervisor crash is listed once.
+        """
+        seen: set[tuple[str, str]] = set()
+        entries = []
+        for entry in self._transcript.read():
+            if entry.turn_id == self._turn.id:
+                continue
+            if entry.role == "user":
+                if (entry.role, entry.turn_id) in seen:
+                    continue
+                seen.add((entry.role, entry.turn_id))
+            entries.append(entry)
+        return entries
+
+
+class Runtime:
+    def __init__(self, sock: socket.socket, session: str, settings: WorkerSettings, agent: Agent):
+        self.conn = Connection(sock, settings.max_frame)
+        self.session = session
+        self.settings = settings
+        self.agent = agent
+        self.state_dir = Path(settings.state_dir) / "agents" / session
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def serve(self) -> int:
+        """Run turns until the supervisor says stop or goes away; the exit code."""
+        self.conn.send(frames.Hello(version=frames.PROTOCOL_VERSION, pid=os.getpid(), session=self.session))
+        handler = FrameLogHandler(self.conn)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(logging.INFO)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        transcript = Transcript(Path(self.settings.state_dir) / "sessions" / f"{self.session}.jsonl")
+        while True:  # ends when the supervisor sends Shutdown or closes the socket
+            frame = self.conn.receive()
+            if frame is None or isinstance(frame, frames.Shutdown):
+                return 0
+            self.run_turn(frame.turn, transcript)
+
+    def run_turn(self, turn: Turn, transcript: Transcript) -> None:
+        transcript.append("user", turn.text, turn.id)
+        ctx = Context(self.conn, turn, transcript, self.settings.options, self.state_dir)
+        set_cpu_backstop(self.settings.cpu_time_per_turn + 2)
+        error = None
+        try:
+            result = self.agent(turn, ctx)
+            if inspect.isawaitable(result):
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                self._loop.run_until_complete(result)
+        except Exception as e:
+            ctx.log.exception("agent raised on turn %s", turn.id)
+            error = f"{type(e).__name__}: {e}"
+            transcript.append("error", error, turn.id)
+        self.conn.send(frames.Done(turn_id=turn.id, error=error))

@@ -1,0 +1,190 @@
+"""The zygote: a small single-threaded process that forks workers.
+
+The supervisor runs threads (the store, executors) and an event loop, so it must
+never fork itself. It starts this process once; the zygote imports the worker
+runtime and the agent up front, then forks a worker per spawn request in a few
+milliseconds. It is a child subreaper: whatever a dead worker leaves behind is
+re-parented here and killed. When the supervisor goes away, it kills every worker
+and descendant before it exits.
+
+Run as: python -m corral.worker.zygote FD   (FD: a SOCK_SEQPACKET socket)
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from corral.protocol import spawn
+from corral.worker.process import become_subreaper, confine, die_with_parent
+from corral.worker.runtime import AgentLoadError, Runtime, load_agent
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.workers: set[int] = set()
+
+    def send(self, msg: object, fds: list[int] | None = None) -> None:
+        data = spawn.encode(msg)
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.send(data)
+
+    def run(self) -> None:
+        data = self.sock.recv(spawn.MAX_PACKET)
+        if not data:
+            return
+        self.settings = spawn.settings_decoder.decode(data)
+        try:
+            self.agent = load_agent(self.settings.entrypoint)
+        except AgentLoadError as e:
+            self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {e}"))
+            return
+        gc.freeze()  # keep preloaded objects out of the collector, so forks share their pages
+        self.send(spawn.Ready(pid=os.getpid()))
+
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "request")
+        sel.register(wake_r, selectors.EVENT_READ, "child")
+        while True:  # ends when the supervisor closes its socket (or SIGTERM)
+            for key, _ in sel.select():
+                if key.data == "child":
+                    while os.read(wake_r, 512) == 512:
+                        pass
+                    self.reap()
+                    continue
+                msg, fds, _, _ = socket.recv_fds(self.sock, spawn.MAX_PACKET, 1)
+                if not msg:
+                    return
+                request = spawn.spawn_decoder.decode(msg)
+                if len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    self.send(spawn.SpawnFailed(seq=request.seq, error="no socket attached"))
+                    continue
+                self.fork_worker(request, fds[0], closing=[self.sock.fileno(), wake_r, wake_w])
+
+    def fork_worker(self, request: spawn.Spawn, fd: int, closing: list[int]) -> None:
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(fd)
+            self.send(spawn.SpawnFailed(seq=request.seq, error=f"fork failed: {e}"))
+            return
+        if pid == 0:
+            code = 70
+            try:
+                signal.set_wakeup_fd(-1)
+                for other in closing:
+                    os.close(other)
+                confine(self.settings.nice)
+                sock = socket.socket(fileno=fd)
+                code = Runtime(sock, request.session, self.settings, self.agent).serve()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(fd)
+        self.workers.add(pid)
+        try:
+            # Opened before we could possibly reap it, so this pidfd names our worker.
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            os.kill(pid, signal.SIGKILL)
+            self.send(spawn.SpawnFailed(seq=request.seq, error=f"pidfd_open failed: {e}"))
+            return
+        try:
+            self.send(spawn.Spawned(seq=request.seq, pid=pid), [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def reap(self) -> None:
+        worker_exited = False
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.workers:
+                self.workers.discard(pid)
+                worker_exited = True
+                self.send(spawn.Exited(pid=pid, status=status))
+        if worker_exited:
+            self.kill_strays()
+
+    def kill_strays(self) -> None:
+        """Kill what a dead worker left behind: our children that are not workers."""
+        for pid in _children() - self.workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def kill_everything(self, timeout: float = 5.0) -> None:
+        """Kill every worker and every descendant; wait until none is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # bounded: each round kills what it finds
+            children = _children()
+            if not children:
+                return
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    die_with_parent(signal.SIGTERM)
+    become_subreaper()
+    zygote = Zygote(sock)
+    try:
+        zygote.run()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        zygote.kill_everything()
+
+
+if __name__ == "__main__":
+    main()
