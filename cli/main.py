@@ -30,8 +30,18 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", metavar="PATH", help="corral.toml (default: $CORRAL_CONFIG, ./corral.toml)")
-@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="corral.toml (default: $CORRAL_CONFIG, ./corral.toml)",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
 def serve(config_path: str | None, log_level: str) -> None:
     """Run the supervisor."""
     from corral.supervisor.app import serve as run
@@ -52,7 +62,9 @@ def _http_base(config: Config) -> str:
     return f"http://{host}:{port}"
 
 
-async def _post_message(config: Config, body: dict[str, Any], wait: float | None, timeout: float) -> tuple[int, Any]:
+async def _post_message(
+    config: Config, body: dict[str, Any], wait: float | None, timeout: float
+) -> tuple[int, Any]:
     import aiohttp
 
     url = _http_base(config) + "/v1/messages"
@@ -70,12 +82,33 @@ async def _post_message(config: Config, body: dict[str, Any], wait: float | None
 @main.command()
 @click.argument("session")
 @click.argument("text")
-@click.option("--wait", type=float, metavar="SECONDS", help="Wait up to SECONDS for the replies and print them.")
-@click.option("--id", "message_id", metavar="ID", help="Idempotency key: the same id twice is one message.")
+@click.option(
+    "--wait",
+    type=float,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the replies and print them.",
+)
+@click.option(
+    "--id", "message_id", metavar="ID", help="Idempotency key: the same id twice is one message."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the response body as JSON.")
-@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Seconds to wait for corral to answer (on top of --wait).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for corral to answer (on top of --wait).",
+)
 @click.option("--config", "config_path", metavar="PATH")
-def send(session: str, text: str, wait: float | None, message_id: str | None, as_json: bool, timeout: float, config_path: str | None) -> None:
+def send(
+    session: str,
+    text: str,
+    wait: float | None,
+    message_id: str | None,
+    as_json: bool,
+    timeout: float,
+    config_path: str | None,
+) -> None:
     """Send TEXT to SESSION over the HTTP channel."""
     import aiohttp
 
@@ -90,7 +123,9 @@ def send(session: str, text: str, wait: float | None, message_id: str | None, as
             f"cannot reach corral at {_http_base(config)}: {e}. Is 'corral serve' running?"
         ) from None
     except TimeoutError:
-        raise click.ClickException(f"corral did not answer within {timeout + (wait or 0):g}s") from None
+        raise click.ClickException(
+            f"corral did not answer within {timeout + (wait or 0):g}s"
+        ) from None
     if as_json:
         click.echo(json.dumps(data))
     if status >= 400:
@@ -105,7 +140,9 @@ def send(session: str, text: str, wait: float | None, message_id: str | None, as
     for reply in data.get("replies", []):
         click.echo(reply["text"], err=reply["kind"] == "error")
     if data.get("status") == "pending":
-        click.echo(f"no reply within {wait:g}s (message {data['id']} is still queued or running)", err=True)
+        click.echo(
+            f"no reply within {wait:g}s (message {data['id']} is still queued or running)", err=True
+        )
         sys.exit(3)
     if data.get("status") == "error":
         sys.exit(1)

@@ -49,13 +49,13 @@ _SIZE_UNITS = {
 
 def parse_duration(value: object) -> Duration:
     if isinstance(value, bool):
-        raise TypeError("expected a duration such as 30 or \"30s\", got a boolean")
+        raise TypeError('expected a duration such as 30 or "30s", got a boolean')
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
         seconds = float(m[1]) * _DURATION_UNITS[m[2]]
     else:
-        raise ValueError(f"invalid duration {value!r}: use seconds or \"250ms\", \"30s\", \"5m\", \"1h\"")
+        raise ValueError(f'invalid duration {value!r}: use seconds or "250ms", "30s", "5m", "1h"')
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
     return Duration(seconds)
@@ -63,13 +63,13 @@ def parse_duration(value: object) -> Duration:
 
 def parse_size(value: object) -> Size:
     if isinstance(value, bool):
-        raise TypeError("expected a size such as 1048576 or \"1MiB\", got a boolean")
+        raise TypeError('expected a size such as 1048576 or "1MiB", got a boolean')
     if isinstance(value, int):
         n = value
     elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value)):
         n = int(float(m[1]) * _SIZE_UNITS[m[2]])
     else:
-        raise ValueError(f"invalid size {value!r}: use bytes or \"512KiB\", \"200MiB\", \"2GiB\"")
+        raise ValueError(f'invalid size {value!r}: use bytes or "512KiB", "200MiB", "2GiB"')
     if n <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return Size(n)
@@ -163,10 +163,10 @@ class Config(_Section):
 
 
 def split_listen(value: str, key: str) -> tuple[str, int]:
-    """"host:port" -> (host, port); "[::1]:80" for IPv6."""
+    """ "host:port" -> (host, port); "[::1]:80" for IPv6."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+        raise ConfigError(f'{key}: expected "HOST:PORT", got {value!r}')
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -186,7 +186,7 @@ _WEBHOOK_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def _validate(cfg: Config) -> None:
     if not _ENTRYPOINT_RE.fullmatch(cfg.agent.entrypoint):
         raise ConfigError(
-            f"agent.entrypoint: expected \"package.module:callable\", got {cfg.agent.entrypoint!r}"
+            f'agent.entrypoint: expected "package.module:callable", got {cfg.agent.entrypoint!r}'
         )
     host, _ = split_listen(cfg.channels.http.listen, "channels.http.listen")
     if not cfg.channels.http.token and not is_loopback(host):
@@ -198,7 +198,7 @@ def _validate(cfg: Config) -> None:
         if not _WEBHOOK_NAME_RE.fullmatch(name) or name == "http":
             raise ConfigError(
                 f"channels.webhook.{name}: names are 1-64 characters of A-Z a-z 0-9 _ - "
-                "and not \"http\""
+                'and not "http"'
             )
         if not hook.url.startswith(("http://", "https://")):
             raise ConfigError(f"channels.webhook.{name}.url: expected an http(s) URL")

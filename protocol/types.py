@@ -51,9 +51,7 @@ def check_session_key(key: object) -> str:
     character set a key made only of dots is refused.
     """
     if not isinstance(key, str) or not SESSION_KEY_RE.fullmatch(key):
-        raise InvalidSessionKey(
-            "session key must be 1-200 characters of A-Z a-z 0-9 . _ : @ -"
-        )
+        raise InvalidSessionKey("session key must be 1-200 characters of A-Z a-z 0-9 . _ : @ -")
     if key.strip(".") == "":
         raise InvalidSessionKey("session key must not consist of dots only")
     return key

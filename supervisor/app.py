@@ -33,9 +33,7 @@ async def serve(config: Config) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sup.request_stop)
-    log.info(
-        "corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path
-    )
+    log.info("corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path)
     await sup.wait_stop_requested()
     log.info("stopping: draining for up to %gs", config.supervisor.drain_timeout)
     await sup.drain()

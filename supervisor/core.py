@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,6 @@ from corral.protocol.types import (
     DRAIN,
     ERROR,
     EVICTED,
-    IDLE as IDLE_EXIT,
     KILLED,
     NO_PROGRESS,
     OUTPUT_LIMIT,
@@ -42,6 +42,9 @@ from corral.protocol.types import (
     Reply,
     Turn,
     check_session_key,
+)
+from corral.protocol.types import (
+    IDLE as IDLE_EXIT,
 )
 from corral.supervisor import proctree
 from corral.supervisor.metrics import Metrics, SessionRow
@@ -84,8 +87,9 @@ class UnknownSession(Exception):
     pass
 
 
-def _mib(n: float) -> str:
-    return f"{n / 1024 / 1024:.0f} MiB"
+def _mib(n: float, up: bool = False) -> str:
+    mib = n / 1024 / 1024
+    return f"{math.ceil(mib) if up else round(mib)} MiB"
 
 
 def _secs(s: float) -> str:
@@ -180,7 +184,9 @@ class Supervisor:
         self.limits = config.limits
         state_dir = config.state_path
         self.store = store or Store(state_dir / "corral.db")
-        self.max_frame = max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
+        self.max_frame = (
+            max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
+        )
         self.spawner = Spawner(
             spawn.WorkerSettings(
                 entrypoint=config.agent.entrypoint,
@@ -427,7 +433,9 @@ class Supervisor:
                 w.read_scope = scope
                 hello = await frames.read_frame_async(reader, decoder, self.max_frame)
             if not isinstance(hello, frames.Hello) or hello.version != frames.PROTOCOL_VERSION:
-                raise frames.FrameError(f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}")
+                raise frames.FrameError(
+                    f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}"
+                )
             self.metrics.spawn_seconds.observe(w.spawn_seconds + loop.time() - w.started)
             if w.state == STARTING:
                 w.state = IDLE
@@ -470,15 +478,20 @@ class Supervisor:
         t = w.turn
         if isinstance(frame, frames.Log):
             worker_log.log(
-                frame.level, "[%s] %s: %s", s.key, frame.logger, frame.message, extra={"session": s.key}
+                frame.level,
+                "[%s] %s: %s",
+                s.key,
+                frame.logger,
+                frame.message,
+                extra={"session": s.key},
             )
             self.count_output(w, len(frame.message))
             return
         if isinstance(frame, frames.Hello):
             raise frames.FrameError("a second hello frame")
+        if w.stop_reason:
+            return  # the turn has been given up on: its reap answers it, late frames are dropped
         if t is None or frame.turn_id != t.message.id:
-            if w.stop_reason:
-                return  # the turn has been given up on; late frames are dropped
             raise frames.FrameError(f"{type(frame).__name__} frame for a turn that is not running")
         match frame:
             case frames.ReplyFrame(text=text):
@@ -497,11 +510,13 @@ class Supervisor:
     def count_output(self, w: Worker, n: int) -> bool:
         """Charge `n` bytes to the turn's output; False (and stop) once over the bound."""
         if w.turn is None or w.stop_reason:
-            return w.stop_reason is None
+            return True
         w.turn.output += n
         limit = int(self.limits.output_per_turn)
         if w.turn.output > limit:
-            self.stop(w, OUTPUT_LIMIT, f"output limit exceeded (more than {_mib(limit)} in one turn)")
+            self.stop(
+                w, OUTPUT_LIMIT, f"output limit exceeded (more than {_mib(limit)} in one turn)"
+            )
             return False
         return True
 
@@ -523,10 +538,18 @@ class Supervisor:
             self.dispatch(s)
             return
         now = loop.time()
-        w.turn = ActiveTurn(message=message, attempt=attempt, started=now, last_progress=now, cpu_base=w.cpu)
+        w.turn = ActiveTurn(
+            message=message, attempt=attempt, started=now, last_progress=now, cpu_base=w.cpu
+        )
         w.send(
             frames.TurnFrame(
-                Turn(id=message.id, session=s.key, text=message.text, origin=message.origin, attempt=attempt)
+                Turn(
+                    id=message.id,
+                    session=s.key,
+                    text=message.text,
+                    origin=message.origin,
+                    attempt=attempt,
+                )
             )
         )
         self.check_deadlines(w)
@@ -553,7 +576,9 @@ class Supervisor:
         if t.timer:
             t.timer.cancel()
         if error is not None:
-            await self.send_reply(t.message, t.next_index, f"turn failed: the agent raised {error}", ERROR)
+            await self.send_reply(
+                t.message, t.next_index, f"turn failed: the agent raised {error}", ERROR
+            )
             t.failed = True
         await self.finish(t.message, FAILED if t.failed else DONE)
         self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
@@ -584,7 +609,7 @@ class Supervisor:
     # ---- stopping workers
 
     def stop(self, w: Worker, reason: str, detail: str, polite: bool = False) -> None:
-        """End a worker: a Shutdown frame (polite) or SIGTERM to its tree, SIGKILL after kill_grace."""
+        """End a worker: Shutdown frame (polite) or SIGTERM to its tree, then SIGKILL at grace."""
         if w.stop_reason is not None or w.dead.is_set():
             return
         w.stop_reason = reason
@@ -642,7 +667,9 @@ class Supervisor:
                 await self.store.start_attempt_undone(t.message.id)
                 s.queue.appendleft(t.message)
             else:
-                await self.send_reply(t.message, t.next_index, f"turn stopped: {detail} [{reason}]", ERROR)
+                await self.send_reply(
+                    t.message, t.next_index, f"turn stopped: {detail} [{reason}]", ERROR
+                )
                 await self.finish(t.message, FAILED)
         if reason in ABNORMAL_REASONS:
             await self.record_abnormal_exit(s)
@@ -665,7 +692,9 @@ class Supervisor:
             count = len(history)
             history.clear()
             until = time.time() + float(self.limits.quarantine)
-            log.error("session %s: %d abnormal exits within %s: quarantined", s.key, count, _secs(period))
+            log.error(
+                "session %s: %d abnormal exits within %s: quarantined", s.key, count, _secs(period)
+            )
             await self.store.set_quarantine(s.key, until)
             self.quarantine_until(s, until)
 
@@ -750,13 +779,19 @@ class Supervisor:
     def check_resources(self, w: Worker) -> None:
         rss_max = int(self.limits.rss_max)
         if w.rss > rss_max:
-            self.stop(w, RSS_LIMIT, f"memory limit exceeded (rss {_mib(w.rss)} > {_mib(rss_max)})")
+            self.stop(
+                w,
+                RSS_LIMIT,
+                f"memory limit exceeded (rss {_mib(w.rss, up=True)} > {_mib(rss_max)})",
+            )
             return
         if w.turn is not None:
             used = w.cpu - w.turn.cpu_base
             limit = float(self.limits.cpu_time_per_turn)
             if used > limit:
-                self.stop(w, CPU_LIMIT, f"CPU time limit exceeded ({used:.1f}s > {limit:g}s in this turn)")
+                self.stop(
+                    w, CPU_LIMIT, f"CPU time limit exceeded ({used:.1f}s > {limit:g}s in this turn)"
+                )
 
     async def measure_lag(self) -> None:
         loop = asyncio.get_running_loop()
@@ -772,12 +807,17 @@ class Supervisor:
 
     def session_rows(self) -> list[SessionRow]:
         return [
-            SessionRow(s.key, s.state, s.worker.rss if s.worker else 0, s.worker.cpu if s.worker else 0.0,
-                       s.queue_depth, s.worker is not None)
+            SessionRow(
+                s.key,
+                s.state,
+                s.worker.rss if s.worker else 0,
+                s.worker.cpu if s.worker else 0.0,
+                s.queue_depth,
+                s.worker is not None,
+            )
             for s in self.sessions.values()
         ]
 
 
 def _sample_all(pids: list[int]) -> list[proctree.TreeSample | None]:
     return [proctree.sample_tree(pid) for pid in pids]
-

@@ -32,7 +32,9 @@ class SessionCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rss = GaugeMetricFamily(
-            "corral_session_rss_bytes", "RSS of the session worker's process tree", labels=["session"]
+            "corral_session_rss_bytes",
+            "RSS of the session worker's process tree",
+            labels=["session"],
         )
         cpu = CounterMetricFamily(
             "corral_session_cpu_seconds",
@@ -90,10 +92,16 @@ class Metrics:
             registry=r,
         )
         self.accepted = Counter(
-            "corral_messages_accepted", "Messages accepted (durably stored)", ["channel"], registry=r
+            "corral_messages_accepted",
+            "Messages accepted (durably stored)",
+            ["channel"],
+            registry=r,
         )
         self.delivered = Counter(
-            "corral_replies_delivered", "Replies delivered to their channel", ["channel"], registry=r
+            "corral_replies_delivered",
+            "Replies delivered to their channel",
+            ["channel"],
+            registry=r,
         )
         self.delivery_failures = Counter(
             "corral_delivery_failures", "Failed delivery attempts", ["channel"], registry=r

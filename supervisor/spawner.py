@@ -117,7 +117,10 @@ class Spawner:
                     if self._ready and not self._ready.done():
                         self._ready.set_result(pid)
                 case spawn.Exited(pid=pid, status=status):
-                    self._exit_future(pid).set_result(status)
+                    exit_fut = self._exit_future(pid)
+                    if exit_fut.done():  # an unclaimed report for an earlier process with this PID
+                        exit_fut = self._exits[pid] = asyncio.get_running_loop().create_future()
+                    exit_fut.set_result(status)
 
     def _lost(self, why: str) -> None:
         if self._sock is not None:
@@ -134,9 +137,8 @@ class Spawner:
 
     def _exit_future(self, pid: int) -> asyncio.Future[int]:
         fut = self._exits.get(pid)
-        if fut is None or fut.done():
-            fut = asyncio.get_running_loop().create_future()
-            self._exits[pid] = fut
+        if fut is None:
+            fut = self._exits[pid] = asyncio.get_running_loop().create_future()
         return fut
 
     async def spawn(self, session: str) -> Spawned:
@@ -149,7 +151,9 @@ class Spawner:
         fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._pending[seq] = fut
         try:
-            socket.send_fds(self._sock, [spawn.encode(spawn.Spawn(seq=seq, session=session))], [theirs.fileno()])
+            socket.send_fds(
+                self._sock, [spawn.encode(spawn.Spawn(seq=seq, session=session))], [theirs.fileno()]
+            )
         except OSError as e:
             self._pending.pop(seq, None)
             ours.close()
@@ -188,6 +192,8 @@ class Spawner:
             async with asyncio.timeout(ZYGOTE_STOP_TIMEOUT):
                 await proc.wait()
         except TimeoutError:
-            log.error("zygote %d did not exit within %.0fs; killing it", proc.pid, ZYGOTE_STOP_TIMEOUT)
+            log.error(
+                "zygote %d did not exit within %.0fs; killing it", proc.pid, ZYGOTE_STOP_TIMEOUT
+            )
             proc.kill()
             await proc.wait()

@@ -122,7 +122,9 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="corral-store", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="corral-store", daemon=True
+        )
         self._thread.start()
         await ready
 
@@ -157,7 +159,7 @@ class Store:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            results = []
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             conn.execute("BEGIN IMMEDIATE")
             for item in batch:
                 if item is _STOP:
@@ -181,7 +183,8 @@ class Store:
             for fut, value, error in results:
                 self._loop.call_soon_threadsafe(_settle, fut, value, error)
         conn.close()
-        self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
+        if self._closed is not None:
+            self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._thread is None or self._loop is None:
@@ -192,7 +195,9 @@ class Store:
 
     # ---- inbox
 
-    async def accept(self, session: str, text: str, origin: Origin, client_id: str | None) -> Accepted:
+    async def accept(
+        self, session: str, text: str, origin: Origin, client_id: str | None
+    ) -> Accepted:
         """Store a message durably; the same client id twice returns the first one."""
         message_id = client_id or uuid.uuid4().hex
 
@@ -204,7 +209,8 @@ class Store:
             if row is not None:
                 return Accepted(_message(row), True)
             cur = conn.execute(
-                "INSERT INTO messages (id, session, text, origin, accepted_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, session, text, origin, accepted_at) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (message_id, session, text, _origin_encode(origin), time.time()),
             )
             seq = cur.lastrowid
@@ -250,7 +256,7 @@ class Store:
         return await self._submit(op)
 
     async def start_attempt_undone(self, message_id: str) -> None:
-        """Take back a start that the supervisor itself interrupted (drain): not the message's fault."""
+        """Take back a start the supervisor itself interrupted (drain): not the message's fault."""
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -334,7 +340,8 @@ class Store:
             else:
                 conn.execute(
                     "INSERT INTO sessions (key, quarantined_until) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET quarantined_until = excluded.quarantined_until",
+                    "ON CONFLICT (key) DO UPDATE "
+                    "SET quarantined_until = excluded.quarantined_until",
                     (session, until),
                 )
 
@@ -353,7 +360,9 @@ class Store:
         return await self._submit(op)
 
 
-_REPLY_COLUMNS = "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
+_REPLY_COLUMNS = (
+    "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
+)
 
 
 def _message(row: tuple[Any, ...]) -> Message:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.protocol import frames
@@ -36,7 +37,7 @@ class ActiveTurn:
 
 
 class Worker:
-    def __init__(self, session: str, spawned: Spawned, on_exit: "callable") -> None:  # type: ignore[valid-type]
+    def __init__(self, session: str, spawned: Spawned, on_exit: Callable[[Worker], None]) -> None:
         loop = asyncio.get_running_loop()
         self.session = session
         self.pid = spawned.pid

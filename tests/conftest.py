@@ -14,8 +14,10 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
     """Start `corral serve` with extra TOML; stopped, and checked for leftovers, at teardown."""
     started: list[Corral] = []
 
-    def start(config: dict[str, dict[str, Any]] | None = None,
-              agent: str = "corral.worker.agents.echo:agent") -> Corral:
+    def start(
+        config: dict[str, dict[str, Any]] | None = None,
+        agent: str = "corral.worker.agents.echo:agent",
+    ) -> Corral:
         c = Corral(tmp_path / f"run{len(started)}", config, agent)
         started.append(c)
         return c.start()

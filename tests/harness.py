@@ -42,8 +42,12 @@ def processes_with_mark(mark: str) -> list[psutil.Process]:
 class Corral:
     """A running `corral serve` with its own state dir and ports."""
 
-    def __init__(self, tmp: Path, config: dict[str, dict[str, Any]] | None = None,
-                 agent: str = "corral.worker.agents.echo:agent"):
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict[str, dict[str, Any]] | None = None,
+        agent: str = "corral.worker.agents.echo:agent",
+    ):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.state = tmp / "state"
@@ -82,7 +86,9 @@ class Corral:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"corral serve exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"corral serve exited with {self.proc.returncode}:\n{self.log()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
@@ -120,10 +126,19 @@ class Corral:
 
     # ---- HTTP helpers
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 60.0,
-                raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 60.0,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers=headers or {}
+        )
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -134,7 +149,9 @@ class Corral:
 
     def send(self, session: str, text: str, wait: float = 30.0, **extra: Any) -> dict[str, Any]:
         status, body = self.request(
-            "POST", f"/v1/messages?wait={wait}", {"session": session, "text": text, **extra},
+            "POST",
+            f"/v1/messages?wait={wait}",
+            {"session": session, "text": text, **extra},
             timeout=wait + 30,
         )
         assert status == 200, (status, body)
@@ -146,7 +163,10 @@ class Corral:
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "corral.cli.main", *args],
-            env=self.env(), capture_output=True, text=True, timeout=timeout,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
 

@@ -32,24 +32,26 @@ def test_units_are_understood():
 
 
 def test_agent_options_are_any_table():
-    cfg = parse_config(b'[agent.options]\nmodel = "m"\ntools = ["a:b"]\n[agent.options.nested]\nx = 1\n')
+    cfg = parse_config(
+        b'[agent.options]\nmodel = "m"\ntools = ["a:b"]\n[agent.options.nested]\nx = 1\n'
+    )
     assert cfg.agent.options == {"model": "m", "tools": ["a:b"], "nested": {"x": 1}}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (b"[limits]\nrss_max = \"lots\"\n", "limits.rss_max: invalid size"),
-        (b"[limits]\nturn_timeout = \"soon\"\n", "limits.turn_timeout: invalid duration"),
+        (b'[limits]\nrss_max = "lots"\n', "limits.rss_max: invalid size"),
+        (b'[limits]\nturn_timeout = "soon"\n', "limits.turn_timeout: invalid duration"),
         (b"[limits]\nturn_timeout = -1\n", "limits.turn_timeout: duration must be positive"),
         (b"[limits]\nturn_timout = 5\n", "limits.turn_timout: unknown key"),
         (b"[limit]\n", "limit: unknown key"),
         (b"[supervisor]\nmax_workers = 0\n", "supervisor.max_workers"),
-        (b"[supervisor]\nmax_workers = \"many\"\n", "supervisor.max_workers"),
-        (b"[channels.http]\nlisten = \"0.0.0.0:8787\"\n", "channels.http.token: required"),
-        (b"[channels.http]\nlisten = \"nowhere\"\n", "channels.http.listen"),
-        (b"[agent]\nentrypoint = \"no colon\"\n", "agent.entrypoint"),
-        (b"[channels.webhook.http]\nurl = \"http://x\"\n", "channels.webhook.http"),
+        (b'[supervisor]\nmax_workers = "many"\n', "supervisor.max_workers"),
+        (b'[channels.http]\nlisten = "0.0.0.0:8787"\n', "channels.http.token: required"),
+        (b'[channels.http]\nlisten = "nowhere"\n', "channels.http.listen"),
+        (b'[agent]\nentrypoint = "no colon"\n', "agent.entrypoint"),
+        (b'[channels.webhook.http]\nurl = "http://x"\n', "channels.webhook.http"),
         (b"[channels.webhook.ops]\n", "channels.webhook[...]: Object missing required field `url`"),
         (b"[limits\n", "not valid TOML"),
     ],

@@ -22,7 +22,10 @@ def test_cli_send_json_prints_the_body(corral):
     c = corral()
     result = c.cli("send", "alice", "hi", "--wait", "10", "--json")
     assert result.returncode == 0, result.stderr
-    assert '"status": "done"' in result.stdout.replace('":"', '": "') or '"status":"done"' in result.stdout
+    assert (
+        '"status": "done"' in result.stdout.replace('":"', '": "')
+        or '"status":"done"' in result.stdout
+    )
 
 
 def test_thirty_sessions_get_their_own_replies_in_order_from_thirty_workers(corral):
@@ -137,7 +140,7 @@ def test_the_same_id_twice_is_one_message(corral):
     second = c.send("erin", "once", id="msg-1")
     assert first["id"] == second["id"] == "msg-1"
     assert first["replies"] == second["replies"]
-    status, body = c.request("GET", "/v1/sessions/erin/replies")
+    _, body = c.request("GET", "/v1/sessions/erin/replies")
     assert len(body["replies"]) == 1
 
 

@@ -81,7 +81,9 @@ def test_async_reader_reports_truncation_and_clean_eof():
         a, b = socket.socketpair()
         reader, _ = await asyncio.open_unix_connection(sock=b)
         dec = frames.decoder_for_worker_frames()
-        threading.Thread(target=lambda: (a.sendall(frames.HEADER.pack(50) + b"x"), a.close())).start()
+        threading.Thread(
+            target=lambda: (a.sendall(frames.HEADER.pack(50) + b"x"), a.close())
+        ).start()
         with pytest.raises(frames.FrameError, match="ended inside"):
             await frames.read_frame_async(reader, dec, CAP)
 

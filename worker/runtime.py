@@ -143,14 +143,18 @@ class Runtime:
 
     def serve(self) -> int:
         """Run turns until the supervisor says stop or goes away; the exit code."""
-        self.conn.send(frames.Hello(version=frames.PROTOCOL_VERSION, pid=os.getpid(), session=self.session))
+        self.conn.send(
+            frames.Hello(version=frames.PROTOCOL_VERSION, pid=os.getpid(), session=self.session)
+        )
         handler = FrameLogHandler(self.conn)
         handler.setFormatter(logging.Formatter("%(message)s"))
         root = logging.getLogger()
         root.handlers[:] = [handler]
         root.setLevel(logging.INFO)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        transcript = Transcript(Path(self.settings.state_dir) / "sessions" / f"{self.session}.jsonl")
+        transcript = Transcript(
+            Path(self.settings.state_dir) / "sessions" / f"{self.session}.jsonl"
+        )
         while True:  # ends when the supervisor sends Shutdown or closes the socket
             frame = self.conn.receive()
             if frame is None or isinstance(frame, frames.Shutdown):

@@ -69,7 +69,9 @@ class PollResult(msgspec.Struct):
 _json = msgspec.json.Encoder()
 
 
-def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=_json.encode(body), status=status, content_type="application/json", headers=headers
     )
@@ -83,7 +85,9 @@ class BadRequest(Exception):
     pass
 
 
-def _number(request: web.Request, name: str, default: float | None, lo: float, hi: float) -> float | None:
+def _number(
+    request: web.Request, name: str, default: float | None, lo: float, hi: float
+) -> float | None:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -146,7 +150,9 @@ class HttpChannel:
         except web.HTTPRequestEntityTooLarge:
             return error(400, f"request body too large: text is limited to {self.max_text} bytes")
         except Draining:
-            return error(503, "corral is draining; retry later", {"Retry-After": RETRY_AFTER_DRAINING})
+            return error(
+                503, "corral is draining; retry later", {"Retry-After": RETRY_AFTER_DRAINING}
+            )
 
     async def _decode(self, request: web.Request, kind: type[msgspec.Struct]) -> msgspec.Struct:
         body = await request.read()
@@ -174,7 +180,9 @@ class HttpChannel:
             return error(404, f"no webhook channel named {name!r} is configured")
         msg = await self._decode(request, WebhookMessage)
         assert isinstance(msg, WebhookMessage)
-        origin = Origin(channel=name, account=msg.account, chat=msg.chat, thread=msg.thread, user=msg.user)
+        origin = Origin(
+            channel=name, account=msg.account, chat=msg.chat, thread=msg.thread, user=msg.user
+        )
         return await self._accept(request, msg.session, msg.text, msg.id, origin)
 
     async def _accept(
@@ -217,8 +225,8 @@ class HttpChannel:
                     pass
                 rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
         replies = [
-            PolledReply(r.reply.id, r.reply.in_reply_to, r.reply.text, r.reply.kind, r.cursor) for r in rows
+            PolledReply(r.reply.id, r.reply.in_reply_to, r.reply.text, r.reply.kind, r.cursor)
+            for r in rows
         ]
         cursor = replies[-1].cursor if replies else after
         return json_response(PollResult(replies, cursor))
-
