@@ -54,7 +54,7 @@ class Log(msgspec.Struct, tag="log", frozen=True):
 
 class Done(msgspec.Struct, tag="done", frozen=True):
     turn_id: str
-    # set when the agent raised: a one-line description for the user's error reply
+    # set when the agent failed: what the user's error reply says after "turn failed: "
     error: str | None = None
 
 

@@ -576,9 +576,7 @@ class Supervisor:
         if t.timer:
             t.timer.cancel()
         if error is not None:
-            await self.send_reply(
-                t.message, t.next_index, f"turn failed: the agent raised {error}", ERROR
-            )
+            await self.send_reply(t.message, t.next_index, f"turn failed: {error}", ERROR)
             t.failed = True
         await self.finish(t.message, FAILED if t.failed else DONE)
         self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)

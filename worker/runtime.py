@@ -33,6 +33,14 @@ class AgentLoadError(Exception):
     pass
 
 
+class TurnError(Exception):
+    """Raise from an agent to end the turn with exactly this message as the error reply.
+
+    For failures the user should read as they are ("the model endpoint refused the
+    API key"); any other exception is reported as "the agent raised <type>: <text>".
+    """
+
+
 def load_agent(entrypoint: str) -> Agent:
     module_name, _, attr = entrypoint.partition(":")
     try:
@@ -172,8 +180,12 @@ class Runtime:
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 self._loop.run_until_complete(result)
+        except TurnError as e:
+            ctx.log.warning("turn %s failed: %s", turn.id, e)
+            error = str(e)
         except Exception as e:
             ctx.log.exception("agent raised on turn %s", turn.id)
-            error = f"{type(e).__name__}: {e}"
+            error = f"the agent raised {type(e).__name__}: {e}"
+        if error is not None:
             transcript.append("error", error, turn.id)
         self.conn.send(frames.Done(turn_id=turn.id, error=error))
