@@ -148,5 +148,289 @@ def send(
         sys.exit(1)
 
 
+# ---- control socket client
+
+
+class ControlClient:
+    """Talks to `corral serve` over its control socket, with a hard deadline."""
+
+    def __init__(self, config: Config, timeout: float) -> None:
+        self.path = config.control_socket_path
+        self.timeout = timeout
+
+    def call(
+        self, method: str, path: str, params: dict[str, str] | None = None, extra_time: float = 0.0
+    ) -> Any:
+        """The decoded JSON body; exits with a clear message on any failure."""
+        import aiohttp
+
+        if not self.path.exists():
+            raise click.ClickException(
+                f"control socket {self.path} not found: is 'corral serve' running?"
+            )
+
+        async def go() -> tuple[int, Any]:
+            connector = aiohttp.UnixConnector(path=str(self.path))
+            timeout = aiohttp.ClientTimeout(total=self.timeout + extra_time)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+                async with http.request(method, f"http://corral{path}", params=params) as resp:
+                    return resp.status, await resp.json(content_type=None)
+
+        try:
+            status, body = asyncio.run(go())
+        except TimeoutError:
+            raise click.ClickException(
+                f"corral did not answer within {self.timeout + extra_time:g}s on {self.path}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise click.ClickException(
+                f"cannot talk to corral on {self.path}: {e}. Is 'corral serve' running?"
+            ) from None
+        if status >= 400:
+            raise click.ClickException(
+                body.get("error", str(body)) if isinstance(body, dict) else str(body)
+            )
+        return body
+
+
+def _client_options(f: Any) -> Any:
+    f = click.option(
+        "--config",
+        "config_path",
+        metavar="PATH",
+        help="corral.toml (default: $CORRAL_CONFIG, ./corral.toml)",
+    )(f)
+    f = click.option(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        show_default=True,
+        help="Seconds to wait for an answer.",
+    )(f)
+    return f
+
+
+def _json_option(f: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def _fmt_secs(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _fmt_until(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+@main.command(name="ls")
+@_client_options
+@_json_option
+def ls(config_path: str | None, timeout: float, as_json: bool) -> None:
+    """List sessions with a worker or queued messages."""
+    body = ControlClient(_load(config_path), timeout).call("GET", "/v1/sessions")
+    if as_json:
+        click.echo(json.dumps(body))
+        return
+    header = (
+        "SESSION",
+        "STATE",
+        "PID",
+        "RSS",
+        "CPU",
+        "AGE",
+        "TURN",
+        "QUEUE",
+        "RESTARTS",
+        "LAST-EXIT",
+    )
+    rows = [header] + [
+        (
+            s["session"],
+            s["state"],
+            str(s["pid"] or "-"),
+            _fmt_bytes(s["rss"]),
+            f"{s['cpu']:.1f}s" if s["pid"] else "-",
+            _fmt_secs(s["age"]),
+            _fmt_secs(s["turn_age"]),
+            str(s["queue"]),
+            str(s["restarts"]),
+            s["last_exit"] or "-",
+        )
+        for s in body["sessions"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.argument("session")
+@_client_options
+@_json_option
+def show(session: str, config_path: str | None, timeout: float, as_json: bool) -> None:
+    """Show one session in detail."""
+    body = ControlClient(_load(config_path), timeout).call("GET", f"/v1/sessions/{_quote(session)}")
+    if as_json:
+        click.echo(json.dumps(body))
+        return
+    shown = {
+        "session": body["session"],
+        "state": body["state"],
+        "pid": body["pid"] or "-",
+        "rss": _fmt_bytes(body["rss"]),
+        "cpu": f"{body['cpu']:.2f}s",
+        "processes": body["processes"],
+        "age": _fmt_secs(body["age"]),
+        "turn": body["turn"] or "-",
+        "turn age": _fmt_secs(body["turn_age"]),
+        "attempt": body["attempt"] or "-",
+        "queue": body["queue"],
+        "restarts": body["restarts"],
+        "last exit": body["last_exit"] or "-",
+        "quarantined until": _fmt_until(body["quarantined_until"]),
+    }
+    for key, value in shown.items():
+        click.echo(f"{key + ':':<19}{value}")
+
+
+def _quote(session: str) -> str:
+    from urllib.parse import quote
+
+    return quote(session, safe="")
+
+
+@main.command()
+@click.argument("session")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="SIGKILL at once instead of SIGTERM, then SIGKILL after kill_grace.",
+)
+@_client_options
+@_json_option
+def kill(session: str, force: bool, config_path: str | None, timeout: float, as_json: bool) -> None:
+    """Stop a session's worker (its running turn gets an error reply)."""
+    config = _load(config_path)
+    body = ControlClient(config, timeout).call(
+        "POST",
+        f"/v1/sessions/{_quote(session)}/kill",
+        {"force": "1"} if force else None,
+        extra_time=float(config.supervisor.kill_grace) + 3,
+    )
+    if as_json:
+        click.echo(json.dumps(body))
+    elif body["reaped"]:
+        click.echo(f"killed {body['session']} (worker {body['pid']})")
+    else:
+        click.echo(f"worker {body['pid']} of {body['session']} is still stopping", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("session")
+@_client_options
+@_json_option
+def release(session: str, config_path: str | None, timeout: float, as_json: bool) -> None:
+    """Lift a session's quarantine."""
+    body = ControlClient(_load(config_path), timeout).call(
+        "POST", f"/v1/sessions/{_quote(session)}/release"
+    )
+    click.echo(json.dumps(body) if as_json else f"released {body['session']}")
+
+
+@main.command()
+@_client_options
+@_json_option
+def status(config_path: str | None, timeout: float, as_json: bool) -> None:
+    """Show the supervisor's state."""
+    body = ControlClient(_load(config_path), timeout).call("GET", "/v1/status")
+    if as_json:
+        click.echo(json.dumps(body))
+        return
+    workers = ", ".join(f"{n} {state}" for state, n in body["workers"].items() if n) or "none"
+    for key, value in {
+        "pid": body["pid"],
+        "version": body["version"],
+        "uptime": _fmt_secs(body["uptime"]),
+        "state": "draining" if body["draining"] else "serving",
+        "agent": body["agent"],
+        "state dir": body["state_dir"],
+        "zygote pid": body["zygote_pid"] or "-",
+        "sessions": f"{body['sessions']} ({workers})",
+        "inbox": body["inbox"],
+        "loop lag": f"{body['loop_lag'] * 1000:.1f}ms "
+        f"(max {body['loop_lag_max'] * 1000:.1f}ms in the last minute)",
+    }.items():
+        click.echo(f"{key + ':':<12}{value}")
+
+
+@main.command()
+@click.option(
+    "--timeout",
+    "drain_timeout",
+    type=float,
+    metavar="SECONDS",
+    help="Time running turns get to finish (default: drain_timeout).",
+)
+@click.option(
+    "--no-wait", is_flag=True, help="Return at once instead of waiting for the supervisor to exit."
+)
+@click.option("--config", "config_path", metavar="PATH")
+@_json_option
+def drain(
+    drain_timeout: float | None, no_wait: bool, config_path: str | None, as_json: bool
+) -> None:
+    """Stop intake, let running turns finish, stop every worker, and exit."""
+    import time
+
+    config = _load(config_path)
+    client = ControlClient(config, DEFAULT_TIMEOUT)
+    body = client.call(
+        "POST", "/v1/drain", {"timeout": str(drain_timeout)} if drain_timeout is not None else None
+    )
+    if as_json:
+        click.echo(json.dumps(body))
+    if no_wait:
+        return
+    bound = body["drain_timeout"] + float(config.supervisor.kill_grace) + 10
+    deadline = time.monotonic() + bound
+    while client.path.exists() and time.monotonic() < deadline:  # ends at the deadline
+        time.sleep(0.1)
+    if client.path.exists():
+        raise click.ClickException(f"corral has not stopped within {bound:g}s")
+    if not as_json:
+        click.echo("drained")
+
+
+@main.group()
+def config() -> None:
+    """Configuration tools."""
+
+
+@config.command(name="check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Check a corral.toml: every key known, every value valid."""
+    cfg = _load(path)
+    click.echo(f"{path}: ok (agent {cfg.agent.entrypoint}, state in {cfg.state_path})")
+
+
 if __name__ == "__main__":
     main()

@@ -93,6 +93,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SupervisorConfig(_Section):
     state_dir: str = "~/.local/state/corral"
     control_socket: str = ""
+    control_socket_mode: int = 0o600  # 0o660 lets the service's group use the CLI
     drain_timeout: Duration = Duration(30)
     kill_grace: Duration = Duration(5)
     max_workers: PositiveInt = 1000
@@ -188,6 +189,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f'agent.entrypoint: expected "package.module:callable", got {cfg.agent.entrypoint!r}'
         )
+    if cfg.supervisor.control_socket_mode not in (0o600, 0o660):
+        raise ConfigError("supervisor.control_socket_mode: must be 0o600 or 0o660")
     host, _ = split_listen(cfg.channels.http.listen, "channels.http.listen")
     if not cfg.channels.http.token and not is_loopback(host):
         raise ConfigError(

@@ -1,43 +1,116 @@
-"""`corral serve`: start everything, run until SIGTERM/SIGINT, stop within bounds."""
+"""`corral serve`: start everything, run until SIGTERM/SIGINT/`corral drain`, stop within bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import signal
+from contextlib import AsyncExitStack
+from pathlib import Path
 
-from corral.protocol.config import Config
+from corral.protocol.config import Config, split_listen
 from corral.supervisor.channels.http import HttpChannel
+from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.core import Supervisor
+from corral.supervisor.metrics import MetricsServer
+from corral.supervisor.sdnotify import Notifier
 from corral.supervisor.spawner import SpawnError
 
 log = logging.getLogger("corral")
+
+STATUS_EVERY = 5.0  # seconds between STATUS= updates to systemd
+
+
+class StateDirBusy(Exception):
+    pass
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold a kernel lock on the state directory for the life of the process.
+
+    Two supervisors on one inbox would run every turn twice. The lock is flock on an
+    open file: it dies with the process, so a SIGKILLed run leaves nothing stale.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "corral.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirBusy(f"another corral is running on {state_dir}") from None
+    return fd
+
+
+def systemd_status(sup: Supervisor) -> str:
+    st = sup.status()
+    live = sum(n for state, n in st.workers.items() if state != "quarantined")
+    return (
+        f"STATUS={st.sessions} sessions, {live} workers ({st.workers['busy']} busy), "
+        f"{st.workers['quarantined']} quarantined, inbox {st.inbox}, "
+        f"loop lag {st.loop_lag * 1000:.0f}ms"
+    )
+
+
+def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
+    """Called by the supervisor's loop every tick: a stuck loop stops the watchdog pings."""
+    loop = asyncio.get_running_loop()
+    last = {"watchdog": 0.0, "status": 0.0}
+    interval = notifier.watchdog_interval
+
+    def tick() -> None:
+        now = loop.time()
+        if interval is not None and now - last["watchdog"] >= interval / 2:
+            notifier.notify("WATCHDOG=1")
+            last["watchdog"] = now
+        if now - last["status"] >= STATUS_EVERY:
+            notifier.notify(systemd_status(sup))
+            last["status"] = now
+
+    sup.on_tick.append(tick)
 
 
 async def serve(config: Config) -> int:
     """Run the supervisor; the process exit code."""
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
+    try:
+        lock_fd = lock_state_dir(config.state_path)
+    except (StateDirBusy, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 2
     sup = Supervisor(config)
     http = HttpChannel(sup, config)
-    try:
-        await sup.start()
-        await http.start()
-    except SpawnError as e:
-        log.error("cannot start: %s", e)
-        await sup.close()
-        return 2
-    except OSError as e:
-        log.error("cannot start: %s", e)
-        await http.stop()
-        await sup.close()
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sup.request_stop)
-    log.info("corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path)
-    await sup.wait_stop_requested()
-    log.info("stopping: draining for up to %gs", config.supervisor.drain_timeout)
-    await sup.drain()
-    await http.stop()
-    await sup.close()
+    control = ControlServer(sup, config.control_socket_path, config.supervisor.control_socket_mode)
+    metrics = MetricsServer(
+        sup.metrics, sup.session_rows, *split_listen(config.metrics.listen, "metrics.listen")
+    )
+    async with AsyncExitStack() as stack:
+        stack.callback(os.close, lock_fd)
+        stack.callback(notifier.close)
+        stack.push_async_callback(sup.close)
+        try:
+            await sup.start()
+            stack.push_async_callback(control.stop)
+            await control.start()
+            stack.push_async_callback(http.stop)
+            await http.start()
+            stack.push_async_callback(metrics.stop)
+            await metrics.start()
+        except (SpawnError, ControlSocketBusy, OSError) as e:
+            log.error("cannot start: %s", e)
+            return 2
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, sup.request_stop)
+        feed_systemd(sup, notifier)
+        notifier.notify("READY=1", systemd_status(sup))
+        log.info(
+            "corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path
+        )
+        await sup.wait_stop_requested()
+        notifier.notify("STOPPING=1", "STATUS=draining")
+        log.info("stopping: draining for up to %gs", sup.drain_timeout)
+        await sup.drain()
     log.info("stopped")
     return 0

@@ -10,6 +10,7 @@ deadline. The verbs, in the order a message meets them:
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 from corral.protocol import frames, spawn
 from corral.protocol.config import Config
+from corral.protocol.control import KillResult, SessionInfo, Status
 from corral.protocol.types import (
     ABNORMAL_REASONS,
     CPU_LIMIT,
@@ -55,12 +57,17 @@ from corral.supervisor.workers import (
     IDLE,
     QUARANTINED,
     STARTING,
+    STATES,
     STOPPING,
     ActiveTurn,
     Worker,
 )
 
 log = logging.getLogger("corral.supervisor")
+try:
+    VERSION = importlib.metadata.version("corral")
+except importlib.metadata.PackageNotFoundError:
+    VERSION = "unknown"
 worker_log = logging.getLogger("corral.worker")
 
 HELLO_TIMEOUT = 30.0
@@ -208,6 +215,9 @@ class Supervisor:
         self.reply_signals = Signals()
         self._turn_ended = asyncio.Event()
         self._stop_requested = asyncio.Event()
+        self.drain_timeout = float(config.supervisor.drain_timeout)
+        self._closing: asyncio.Future[None] | None = None
+        self.lag_history: deque[float] = deque(maxlen=int(60 / LAG_INTERVAL))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-sampler")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -219,6 +229,7 @@ class Supervisor:
     async def start(self) -> None:
         """Open the store, start the zygote, and re-queue what the last run left unfinished."""
         self._loop = asyncio.get_running_loop()
+        self._closing = self._loop.create_future()
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.store.open()
         await self.spawner.start()
@@ -237,7 +248,10 @@ class Supervisor:
         self.background(self.watch(), "watchdog")
         self.background(self.measure_lag(), "loop lag")
 
-    def request_stop(self) -> None:
+    def request_stop(self, drain_timeout: float | None = None) -> None:
+        """Begin a graceful stop (SIGTERM, SIGINT, `corral drain`); idempotent."""
+        if drain_timeout is not None and not self._stop_requested.is_set():
+            self.drain_timeout = drain_timeout
         self._stop_requested.set()
 
     async def wait_stop_requested(self) -> None:
@@ -267,8 +281,10 @@ class Supervisor:
         """
         loop = asyncio.get_running_loop()
         self.draining = True
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)  # wakes every ?wait and long-poll: they answer now
         grace = float(self.config.supervisor.kill_grace)
-        deadline = loop.time() + float(self.config.supervisor.drain_timeout)
+        deadline = loop.time() + self.drain_timeout
         while any(w.state == BUSY for w in self.workers.values()):  # ends at the deadline
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -338,12 +354,19 @@ class Supervisor:
         fut = self._turn_done.get(message_id)
         if fut is None:
             return True
+        await self.wait_or_closing(fut, timeout)
+        return fut.done()
+
+    async def wait_or_closing(self, fut: asyncio.Future[Any], timeout: float) -> None:
+        """Wait for `fut` (never cancelling it) until `timeout` or until the supervisor stops."""
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.shield(fut))]
+        if self._closing is not None:
+            waiters.append(asyncio.ensure_future(asyncio.shield(self._closing)))
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(fut)
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     # ---- dispatch
 
@@ -669,10 +692,12 @@ class Supervisor:
                     t.message, t.next_index, f"turn stopped: {detail} [{reason}]", ERROR
                 )
                 await self.finish(t.message, FAILED)
+                self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
         if reason in ABNORMAL_REASONS:
             await self.record_abnormal_exit(s)
         if s.worker is w:
             s.worker = None
+        w.reaped.set()
         self._turn_ended.set()
         self.admit_waiting()
         self.dispatch(s)
@@ -736,7 +761,8 @@ class Supervisor:
 
     # ---- operator actions
 
-    def kill_session(self, key: str, force: bool) -> Worker:
+    async def kill_session(self, key: str, force: bool) -> KillResult:
+        """Stop a session's worker for an operator; answers once it is reaped (bounded)."""
         s = self.sessions.get(key)
         if s is None or s.worker is None:
             raise UnknownSession(key)
@@ -746,7 +772,14 @@ class Supervisor:
             self.kill(w)
         else:
             self.stop(w, KILLED, "stopped by an operator")
-        return w
+        try:
+            async with asyncio.timeout(float(self.config.supervisor.kill_grace) + 3.0):
+                await w.reaped.wait()
+        except TimeoutError:
+            pass
+        return KillResult(
+            session=key, pid=w.pid, reason=w.stop_reason or KILLED, reaped=w.reaped.is_set()
+        )
 
     # ---- watching
 
@@ -797,11 +830,52 @@ class Supervisor:
             before = loop.time()
             await asyncio.sleep(LAG_INTERVAL)
             self.lag = max(0.0, loop.time() - before - LAG_INTERVAL)
+            self.lag_history.append(self.lag)
             self.metrics.loop_lag.observe(self.lag)
             for hook in self.on_tick:
                 hook()
 
     # ---- views
+
+    def session_info(self, s: Session) -> SessionInfo:
+        now = asyncio.get_running_loop().time()
+        w = s.worker
+        t = w.turn if w else None
+        return SessionInfo(
+            session=s.key,
+            state=s.state,
+            pid=w.pid if w else None,
+            rss=w.rss if w else 0,
+            cpu=w.cpu if w else 0.0,
+            processes=w.sample.processes if w and w.sample else (1 if w else 0),
+            age=now - w.started if w else None,
+            turn_age=now - t.started if t else None,
+            turn=t.message.id if t else None,
+            attempt=t.attempt if t else None,
+            queue=s.queue_depth,
+            restarts=s.restarts,
+            last_exit=s.last_exit,
+            quarantined_until=s.quarantined_until,
+        )
+
+    def status(self) -> Status:
+        by_state: dict[str, int] = dict.fromkeys(STATES, 0)
+        for s in self.sessions.values():
+            by_state[s.state] += 1
+        return Status(
+            pid=os.getpid(),
+            version=VERSION,
+            uptime=time.time() - self.started_wall,
+            draining=self.draining,
+            agent=self.config.agent.entrypoint,
+            state_dir=str(self.config.state_path),
+            zygote_pid=self.spawner.zygote_pid,
+            sessions=len(self.sessions),
+            workers=by_state,
+            inbox=len(self._turn_done),
+            loop_lag=self.lag,
+            loop_lag_max=max(self.lag_history, default=0.0),
+        )
 
     def session_rows(self) -> list[SessionRow]:
         return [

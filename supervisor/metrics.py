@@ -3,16 +3,29 @@ read from the live session table at scrape time (they vanish with the worker).""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from corral.protocol.types import EXIT_REASONS
+from corral.supervisor.workers import STATES
 
-STATES = ("starting", "idle", "busy", "stopping", "quarantined")
+# `_created` series double the output for no use to an operator
+disable_created_metrics()
 
 
 class SessionRow(NamedTuple):
@@ -115,3 +128,39 @@ class Metrics:
 
     def snapshot(self, rows: Iterable[SessionRow]) -> None:
         self.sessions.rows = list(rows)
+
+
+log = logging.getLogger("corral.metrics")
+
+
+class MetricsServer:
+    """GET /metrics on [metrics] listen. The loop takes a snapshot of the session table
+    (cheap); the text is rendered on a thread, so a scrape of 1,000 sessions never
+    holds the loop."""
+
+    def __init__(
+        self, metrics: Metrics, rows: Callable[[], Iterable[SessionRow]], host: str, port: int
+    ):
+        self.metrics = metrics
+        self.rows = rows
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self.scrape)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=0.5).start()
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        self.metrics.snapshot(self.rows())
+        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

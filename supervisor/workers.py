@@ -48,6 +48,7 @@ class Worker:
         self.started = loop.time()
         self.started_wall = time.time()
         self.dead = asyncio.Event()
+        self.reaped = asyncio.Event()
         self.status: int | None = None
         self.stop_reason: str | None = None
         self.stop_detail = ""

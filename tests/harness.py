@@ -160,6 +160,24 @@ class Corral:
     def texts(self, session: str, text: str, wait: float = 30.0) -> list[str]:
         return [r["text"] for r in self.send(session, text, wait)["replies"]]
 
+    def metrics(self) -> dict[str, float]:
+        """The /metrics text as {"name{labels}": value}."""
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30
+        ) as r:
+            text = r.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def ls(self) -> list[dict[str, Any]]:
+        result = self.cli("ls", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["sessions"]  # type: ignore[no-any-return]
+
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "corral.cli.main", *args],

@@ -6,7 +6,6 @@ GET  /v1/sessions/{session}/replies    long-poll this channel's replies of a ses
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -218,11 +217,7 @@ class HttpChannel:
         with self.sup.reply_signals.watch(reply_key(session, CHANNEL)) as new_reply:
             rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
             if not rows and wait > 0:
-                try:
-                    async with asyncio.timeout(wait):
-                        await asyncio.shield(new_reply)
-                except TimeoutError:
-                    pass
+                await self.sup.wait_or_closing(new_reply, wait)
                 rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
         replies = [
             PolledReply(r.reply.id, r.reply.in_reply_to, r.reply.text, r.reply.kind, r.cursor)

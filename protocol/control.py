@@ -1,0 +1,58 @@
+"""Bodies of the control API (HTTP+JSON on the control socket), shared by the
+supervisor that serves them and the CLI that reads them."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SessionInfo(msgspec.Struct, kw_only=True):
+    session: str
+    state: str  # starting | idle | busy | stopping | quarantined
+    pid: int | None
+    rss: int  # bytes, the worker's whole process tree, as last sampled
+    cpu: float  # seconds of CPU of the worker's tree
+    processes: int  # processes in the worker's tree
+    age: float | None  # seconds since the worker was spawned
+    turn_age: float | None  # seconds since the current turn started
+    turn: str | None  # id of the message being handled
+    attempt: int | None
+    queue: int
+    restarts: int  # workers spawned for this session by this supervisor
+    last_exit: str | None
+    quarantined_until: float | None  # unix time
+
+
+class SessionList(msgspec.Struct):
+    sessions: list[SessionInfo]
+
+
+class Status(msgspec.Struct, kw_only=True):
+    pid: int
+    version: str
+    uptime: float
+    draining: bool
+    agent: str
+    state_dir: str
+    zygote_pid: int | None
+    sessions: int
+    workers: dict[str, int]  # by state
+    inbox: int  # accepted messages whose turn has not ended
+    loop_lag: float  # seconds, the last measurement
+    loop_lag_max: float  # seconds, the largest in the last minute
+
+
+class KillResult(msgspec.Struct):
+    session: str
+    pid: int
+    reason: str
+    reaped: bool
+
+
+class DrainResult(msgspec.Struct):
+    draining: bool
+    drain_timeout: float
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
