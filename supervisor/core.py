@@ -49,6 +49,7 @@ from corral.protocol.types import (
     IDLE as IDLE_EXIT,
 )
 from corral.supervisor import proctree
+from corral.supervisor.delivery import Outbox
 from corral.supervisor.metrics import Metrics, SessionRow
 from corral.supervisor.spawner import Spawner, SpawnError
 from corral.supervisor.store import DONE, FAILED, Accepted, Message, Store
@@ -223,6 +224,8 @@ class Supervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_reply: list[Callable[[Reply], None]] = []  # called for every new reply
         self.on_tick: list[Callable[[], None]] = []  # called from the healthy loop every 100 ms
+        self.outbox = Outbox(config.channels.webhook, config.delivery, self.store, self.metrics)
+        self.on_reply.append(self.outbox.on_reply)
 
     # ---- lifecycle
 
@@ -245,6 +248,9 @@ class Supervisor:
             log.info("re-queued %d unfinished messages from the last run", len(pending))
         for s in list(self.sessions.values()):
             self.dispatch(s)
+        await self.outbox.prepare()
+        for name, channel in self.outbox.channels.items():
+            self.background(channel.run(), f"delivery to {name}")
         self.background(self.watch(), "watchdog")
         self.background(self.measure_lag(), "loop lag")
 
@@ -611,7 +617,9 @@ class Supervisor:
         self.dispatch(s)
 
     async def send_reply(self, message: Message, index: int, text: str, kind: str) -> None:
-        reply = await self.store.add_reply(message, index, text, kind)
+        """Store a reply for delivery to the origin of `message`, and nowhere else."""
+        push = message.origin.channel in self.config.channels.webhook
+        reply = await self.store.add_reply(message, index, text, kind, push=push)
         if reply is None:
             return  # shown already, by an earlier run of the same turn
         if kind == ERROR:

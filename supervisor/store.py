@@ -31,6 +31,10 @@ T = TypeVar("T")
 PENDING = "pending"
 DONE = "done"
 FAILED = "error"
+# delivery states of a reply
+DELIVERED = "delivered"
+DEAD = "dead"
+FETCHED = "fetched"  # not pushed: the client fetches it (HTTP channel)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -276,8 +280,14 @@ class Store:
 
     # ---- outbox
 
-    async def add_reply(self, message: Message, index: int, text: str, kind: str) -> Reply | None:
-        """Store a reply keyed by (message, index); None if that reply exists already."""
+    async def add_reply(
+        self, message: Message, index: int, text: str, kind: str, push: bool = False
+    ) -> Reply | None:
+        """Store a reply keyed by (message, index); None if that reply exists already.
+
+        `push` replies wait in the outbox for delivery to their channel; the others
+        are fetched by the client (the HTTP channel's long-poll).
+        """
         reply = Reply(
             id=reply_id(message.id, index),
             in_reply_to=message.id,
@@ -291,7 +301,7 @@ class Store:
         def op(conn: sqlite3.Connection) -> Reply | None:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO replies (id, message_id, session, idx, text, kind, channel, "
-                "origin, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "origin, created_at, delivery) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     reply.id,
                     message.id,
@@ -302,6 +312,7 @@ class Store:
                     message.origin.channel,
                     _origin_encode(message.origin),
                     time.time(),
+                    PENDING if push else FETCHED,
                 ),
             )
             return reply if cur.rowcount else None
@@ -328,6 +339,67 @@ class Store:
                 (session, channel, after, limit),
             ).fetchall()
             return [_stored_reply(r) for r in rows]
+
+        return await self._submit(op)
+
+    # ---- delivery
+
+    async def due_deliveries(self, channel: str, now: float, limit: int) -> list[StoredReply]:
+        """Replies to push to `channel` now, oldest first; a reply waits while an earlier
+        one of the same session is still undelivered, so each chat sees them in order."""
+
+        def op(conn: sqlite3.Connection) -> list[StoredReply]:
+            rows = conn.execute(
+                f"SELECT {_REPLY_COLUMNS} FROM replies r "
+                "WHERE channel = ? AND delivery = 'pending' AND next_attempt_at <= ? "
+                "AND NOT EXISTS (SELECT 1 FROM replies e "
+                "WHERE e.session = r.session AND e.channel = r.channel "
+                "AND e.delivery = 'pending' AND e.cursor < r.cursor) ORDER BY cursor LIMIT ?",
+                (channel, now, limit),
+            ).fetchall()
+            return [_stored_reply(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def next_due(self, channel: str) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(next_attempt_at) FROM replies "
+                "WHERE channel = ? AND delivery = 'pending'",
+                (channel,),
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._submit(op)
+
+    async def mark_delivery(
+        self,
+        reply_id: str,
+        state: str,
+        attempts: int,
+        next_at: float = 0.0,
+        error: str | None = None,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE replies SET delivery = ?, attempts = ?, next_attempt_at = ?, "
+                "last_error = ? WHERE id = ?",
+                (state, attempts, next_at, error, reply_id),
+            )
+
+        await self._submit(op)
+
+    async def dead_letter_unrouted(self, channels: list[str]) -> int:
+        """Dead-letter pending replies of channels no longer configured; how many."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(channels))
+            cur = conn.execute(
+                "UPDATE replies SET delivery = 'dead', last_error = 'channel not configured' "
+                f"WHERE delivery = 'pending' AND channel NOT IN ({marks})",
+                channels,
+            )
+            return cur.rowcount
 
         return await self._submit(op)
 
@@ -403,4 +475,16 @@ def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -
         fut.set_result(value)
 
 
-__all__ = ["DONE", "ERROR", "FAILED", "PENDING", "Accepted", "Message", "Store", "StoredReply"]
+__all__ = [
+    "DEAD",
+    "DELIVERED",
+    "DONE",
+    "ERROR",
+    "FAILED",
+    "FETCHED",
+    "PENDING",
+    "Accepted",
+    "Message",
+    "Store",
+    "StoredReply",
+]

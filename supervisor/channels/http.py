@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from corral.protocol.config import Config, split_listen
-from corral.protocol.types import ERROR, InvalidSessionKey, Origin, check_session_key
+from corral.protocol.types import ERROR, InvalidSessionKey, Origin, Reply, check_session_key
 from corral.supervisor.core import Draining, IdConflict, QueueFull, Supervisor, reply_key
 
 log = logging.getLogger("corral.http")
@@ -109,6 +109,11 @@ class HttpChannel:
         self.token = config.channels.http.token
         self.max_text = int(config.limits.max_text)
         self._runner: web.AppRunner | None = None
+        supervisor.on_reply.append(self._count_delivered)
+
+    def _count_delivered(self, reply: Reply) -> None:
+        if reply.origin.channel == CHANNEL:  # stored is delivered: the client fetches it
+            self.sup.metrics.delivered.labels(CHANNEL).inc()
 
     def app(self) -> web.Application:
         # JSON escaping can grow text up to 6x; past that the text is too long anyway

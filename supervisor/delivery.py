@@ -1,0 +1,162 @@
+"""Outbox delivery to webhook channels.
+
+Each configured webhook channel has its own delivery task, so a slow or failing
+receiver holds up only its own channel; turns never wait for delivery. A reply is
+POSTed to its channel's url (the channel named in the reply's origin, and no
+other): 2xx is delivered; 408, 429, 5xx and connection errors are retried with
+exponential backoff and jitter; any other status is dead-lettered at once; and
+`max_attempts` and `max_age` bound the retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import time
+
+import aiohttp
+import msgspec
+
+from corral.protocol.config import DeliveryConfig, WebhookConfig
+from corral.protocol.types import Origin, Reply
+from corral.supervisor.metrics import Metrics
+from corral.supervisor.store import DEAD, DELIVERED, PENDING, Store, StoredReply
+
+log = logging.getLogger("corral.delivery")
+
+REQUEST_TIMEOUT = 10.0  # one POST; the receiver's slowness costs only its own channel
+BATCH = 32  # deliveries in flight per channel (distinct sessions)
+SIGNATURE_HEADER = "X-Corral-Signature"
+
+
+class WebhookReply(msgspec.Struct):
+    """The body POSTed to a webhook channel's url."""
+
+    id: str
+    in_reply_to: str
+    session: str
+    text: str
+    kind: str
+    origin: Origin
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def backoff(cfg: DeliveryConfig, attempts: int) -> float:
+    """Delay before attempt `attempts + 1`: doubling from retry_initial, capped at
+    retry_max, with jitter (a random half to all of it) so receivers coming back
+    are not hit by every sender at once."""
+    delay = min(float(cfg.retry_max), float(cfg.retry_initial) * 2 ** (attempts - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+class WebhookDelivery:
+    def __init__(
+        self, name: str, hook: WebhookConfig, cfg: DeliveryConfig, store: Store, metrics: Metrics
+    ) -> None:
+        self.name = name
+        self.hook = hook
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:  # ends when cancelled at close
+                self.wake.clear()
+                due = await self.store.due_deliveries(self.name, time.time(), BATCH)
+                if due:
+                    await asyncio.gather(*(self.deliver(http, r) for r in due))
+                    continue
+                next_at = await self.store.next_due(self.name)
+                wait = None if next_at is None else max(0.0, next_at - time.time())
+                try:
+                    async with asyncio.timeout(wait):
+                        await self.wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def deliver(self, http: aiohttp.ClientSession, stored: StoredReply) -> None:
+        r = stored.reply
+        body = _encode(WebhookReply(r.id, r.in_reply_to, r.session, r.text, r.kind, r.origin))
+        headers = {"Content-Type": "application/json"}
+        if self.hook.secret:
+            headers[SIGNATURE_HEADER] = sign(self.hook.secret, body)
+        status = 0
+        retry_after = None
+        try:
+            async with http.post(
+                self.hook.url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                error = f"HTTP {status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+        attempts = stored.attempts + 1
+        if 200 <= status < 300:
+            await self.store.mark_delivery(r.id, DELIVERED, attempts)
+            self.metrics.delivered.labels(self.name).inc()
+            return
+        self.metrics.delivery_failures.labels(self.name).inc()
+        age = time.time() - stored.created_at
+        if status and not retryable(status):
+            why = f"{error}: not retried"
+        elif attempts >= self.cfg.max_attempts:
+            why = f"{error}: gave up after {attempts} attempts"
+        elif age >= self.cfg.max_age:
+            why = f"{error}: gave up after {age:.0f}s"
+        else:
+            delay = backoff(self.cfg, attempts)
+            if retry_after and retry_after.isdigit():
+                delay = min(float(self.cfg.retry_max), max(delay, float(retry_after)))
+            await self.store.mark_delivery(r.id, PENDING, attempts, time.time() + delay, error)
+            log.info("%s: reply %s: %s; retry %d in %.1fs", self.name, r.id, error, attempts, delay)
+            return
+        await self.store.mark_delivery(r.id, DEAD, attempts, error=why)
+        self.metrics.dead_letters.labels(self.name).inc()
+        log.error("%s: reply %s dead-lettered: %s", self.name, r.id, why)
+
+
+class Outbox:
+    """Starts one delivery task per webhook channel and wakes it on new replies."""
+
+    def __init__(
+        self,
+        channels: dict[str, WebhookConfig],
+        cfg: DeliveryConfig,
+        store: Store,
+        metrics: Metrics,
+    ) -> None:
+        self.channels = {
+            name: WebhookDelivery(name, hook, cfg, store, metrics)
+            for name, hook in channels.items()
+        }
+        self.store = store
+
+    def on_reply(self, reply: Reply) -> None:
+        channel = self.channels.get(reply.origin.channel)
+        if channel is not None:
+            channel.wake.set()
+
+    async def prepare(self) -> None:
+        dropped = await self.store.dead_letter_unrouted(list(self.channels))
+        if dropped:
+            log.error(
+                "%d undelivered replies belong to channels no longer configured: dead-lettered",
+                dropped,
+            )
