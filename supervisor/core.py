@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from corral.protocol import frames, spawn
@@ -391,14 +392,17 @@ class Supervisor:
             return
         if w.state != IDLE:
             return
-        if s.queue and not self.draining:
+        if self.draining:  # a worker that finished starting after the drain began
+            self.stop(w, DRAIN, "the supervisor is stopping", polite=True)
+            return
+        if s.queue:
             if w.idle_timer is not None:
                 w.idle_timer.cancel()
                 w.idle_timer = None
             message = s.queue.popleft()
             w.state = BUSY
             self.background(self.start_turn(s, w, message), f"turn {message.id}")
-        elif w.idle_timer is None and not self.draining:
+        elif w.idle_timer is None:
             w.idle_timer = asyncio.get_running_loop().call_later(
                 float(self.config.supervisor.idle_timeout),
                 lambda: self.stop(w, IDLE_EXIT, "idle", polite=True),
@@ -534,7 +538,16 @@ class Supervisor:
                 if self.count_output(w, len(note)):
                     t.last_progress = loop.time()
             case frames.Done(error=error):
-                await self.end_turn(s, w, error)
+                # A turn can cross the memory or CPU bound between two watchdog ticks and
+                # end before the next: measure once more, so the turn that crossed it is
+                # the one that is told.
+                sample = await self.in_sampler(partial(proctree.sample_tree, w.pid))
+                if sample is not None and not w.dead.is_set():
+                    w.sample = sample
+                    w.sampled_at = loop.time()
+                    self.check_resources(w)
+                if w.stop_reason is None:
+                    await self.end_turn(s, w, error)
 
     def count_output(self, w: Worker, n: int) -> bool:
         """Charge `n` bytes to the turn's output; False (and stop) once over the bound."""

@@ -7,7 +7,10 @@ worker; other sessions never notice; nothing the supervisor started survives it.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import threading
 import time
 
@@ -193,3 +196,20 @@ def test_healthy_sessions_never_notice_faults(corral):
         t.join(60)
     assert not failures, failures[:5]
     assert pings[0] > 40
+
+
+def test_a_killed_zygote_takes_its_workers_and_is_replaced(corral):
+    c = start(corral)
+    assert c.texts("z1", "echo before") == ["before"]
+    zygote = json.loads(c.cli("status", "--json").stdout)["zygote_pid"]
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(c.send("z2", "hang", wait=30)))
+    t.start()
+    time.sleep(1.0)
+    os.kill(zygote, signal.SIGKILL)
+    t.join(40)
+    assert result["status"] == "error"
+    assert reason(result["replies"][-1]["text"]) == "crashed"
+    assert c.texts("z1", "echo after") == ["after"]  # a new zygote serves the session
+    new_zygote = json.loads(c.cli("status", "--json").stdout)["zygote_pid"]
+    assert new_zygote != zygote
