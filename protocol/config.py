@@ -98,6 +98,7 @@ class SupervisorConfig(_Section):
     kill_grace: Duration = Duration(5)
     max_workers: PositiveInt = 1000
     idle_timeout: Duration = Duration(600)
+    cgroups: bool = True  # per-worker cgroups when running in a delegated cgroup v2 subtree
 
 
 class AgentConfig(_Section):

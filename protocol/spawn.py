@@ -22,6 +22,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_frame: int
     cpu_time_per_turn: float
     nice: int = 10
+    # per-worker cgroups (supervisor/cgroups.py); empty when not delegated
+    cgroup_workers: str = ""
+    memory_max: int = 0
+    pids_max: int = 0
+    cpu_max: str = ""
 
 
 # supervisor -> zygote
@@ -48,6 +53,7 @@ class SpawnFailed(msgspec.Struct, tag="spawn_failed", frozen=True):
 class Exited(msgspec.Struct, tag="exited", frozen=True):
     pid: int
     status: int  # as from os.waitpid
+    oom_killed: bool = False  # the kernel killed it at its cgroup's memory.max
 
 
 ZygoteMessage = Ready | Spawned | SpawnFailed | Exited

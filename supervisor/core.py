@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import msgspec
+
 from corral.protocol import frames, spawn
 from corral.protocol.config import Config
 from corral.protocol.control import KillResult, SessionInfo, Status
@@ -49,7 +51,7 @@ from corral.protocol.types import (
 from corral.protocol.types import (
     IDLE as IDLE_EXIT,
 )
-from corral.supervisor import proctree
+from corral.supervisor import cgroups, proctree
 from corral.supervisor.delivery import Outbox
 from corral.supervisor.metrics import Metrics, SessionRow
 from corral.supervisor.spawner import Spawner, SpawnError
@@ -78,6 +80,8 @@ SAMPLE_BUDGET = 64  # worker trees sampled per tick, at most: a tick's cost is b
 LAG_INTERVAL = 0.1
 MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
 SPAWN_RETRY = 1.0
+PIDS_MAX = 1024  # processes per worker, when cgroups are delegated: stops a fork bomb
+CPU_PERIOD = 100_000  # microseconds
 
 
 class Draining(Exception):
@@ -105,10 +109,13 @@ def _secs(s: float) -> str:
     return f"{s * 1000:.0f}ms" if s < 1 else f"{s:g}s"
 
 
-def describe_status(status: int | None) -> tuple[str, str]:
+def describe_exit(exited: spawn.Exited | None, memory_max: int) -> tuple[str, str]:
     """(reason, plain words) for a worker that died on its own."""
-    if status is None:
+    if exited is None:
         return CRASHED, "the worker died"
+    if exited.oom_killed:
+        return RSS_LIMIT, f"memory limit exceeded (the kernel stopped it at {_mib(memory_max)})"
+    status = exited.status
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU:
@@ -206,6 +213,7 @@ class Supervisor:
             )
         )
         self.metrics = Metrics()
+        self.delegation: cgroups.Delegation | None = None
         self.sessions: dict[str, Session] = {}
         self.workers: dict[int, Worker] = {}
         self.waiting: deque[Session] = deque()  # sessions waiting for a worker slot
@@ -236,6 +244,27 @@ class Supervisor:
         self._closing = self._loop.create_future()
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.store.open()
+        self.delegation, why = await self.in_sampler(
+            partial(cgroups.delegate, self.config.supervisor.cgroups)
+        )
+        if self.delegation is not None:
+            rss_max = int(self.limits.rss_max)
+            self.spawner.settings = msgspec.structs.replace(
+                self.spawner.settings,
+                cgroup_workers=str(self.delegation.workers),
+                # above rss_max: the sampler names the figure first; the kernel stops
+                # what grows faster than it samples
+                memory_max=rss_max + max(16 * 2**20, rss_max // 8),
+                pids_max=PIDS_MAX,
+                cpu_max=f"{CPU_PERIOD} {CPU_PERIOD}",  # one CPU per worker
+            )
+            log.info(
+                "per-worker cgroups under %s (controllers: %s)",
+                self.delegation.workers,
+                ", ".join(self.delegation.controllers) or "none",
+            )
+        else:
+            log.info("per-worker cgroups: not used (%s); bounds rely on sampling", why)
         await self.spawner.start()
         for key, until in (await self.store.quarantines()).items():
             self.quarantine_until(self.session(key), until)
@@ -465,6 +494,7 @@ class Supervisor:
             async with asyncio.timeout(HELLO_TIMEOUT) as scope:
                 w.read_scope = scope
                 hello = await frames.read_frame_async(reader, decoder, self.max_frame)
+            w.read_scope = None
             if not isinstance(hello, frames.Hello) or hello.version != frames.PROTOCOL_VERSION:
                 raise frames.FrameError(
                     f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}"
@@ -487,6 +517,7 @@ class Supervisor:
                 self.stop(w, PROTOCOL_ERROR, f"the worker sent no hello within {HELLO_TIMEOUT:g}s")
         except OSError as e:
             log.debug("session %s: worker socket: %s", s.key, e)
+        w.read_scope = None  # its block has ended: on_worker_exit must not touch it
         if not w.dead.is_set():
             try:
                 async with asyncio.timeout(1.0):
@@ -671,6 +702,9 @@ class Supervisor:
     def kill(self, w: Worker) -> None:
         if not w.dead.is_set():
             self.signal_tree(w, signal.SIGKILL)
+            if self.delegation is not None:  # the whole cgroup at once, strays included
+                kill = partial(cgroups.kill_cgroup, self.delegation.workers, w.pid)
+                self.background(self.in_sampler(kill), f"cgroup.kill {w.session}")
 
     def signal_tree(self, w: Worker, sig: int) -> None:
         """Signal the worker now, and its descendants from the sampler's thread."""
@@ -694,8 +728,9 @@ class Supervisor:
 
     async def reap(self, s: Session, w: Worker) -> None:
         """The worker is dead: account for it, answer its turn, free its slot."""
-        w.status = await self.spawner.exit_status(w.pid, timeout=1.0)
-        own_reason, own_detail = describe_status(w.status)
+        exited = await self.spawner.exit_status(w.pid, timeout=1.0)
+        w.status = exited.status if exited else None
+        own_reason, own_detail = describe_exit(exited, self.spawner.settings.memory_max)
         reason = w.stop_reason or own_reason
         detail = w.stop_detail or own_detail
         w.close()

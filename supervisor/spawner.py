@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from corral.protocol import spawn
+from corral.protocol.spawn import Exited
 
 log = logging.getLogger("corral.spawner")
 
@@ -43,7 +44,7 @@ class Spawner:
         self._proc: asyncio.subprocess.Process | None = None
         self._seq = 0
         self._pending: dict[int, asyncio.Future[tuple[int, int]]] = {}
-        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._exits: dict[int, asyncio.Future[Exited]] = {}
         self._ready: asyncio.Future[int] | None = None
         self._starting: asyncio.Lock = asyncio.Lock()
 
@@ -116,11 +117,11 @@ class Spawner:
                 case spawn.Ready(pid=pid):
                     if self._ready and not self._ready.done():
                         self._ready.set_result(pid)
-                case spawn.Exited(pid=pid, status=status):
+                case spawn.Exited(pid=pid):
                     exit_fut = self._exit_future(pid)
                     if exit_fut.done():  # an unclaimed report for an earlier process with this PID
                         exit_fut = self._exits[pid] = asyncio.get_running_loop().create_future()
-                    exit_fut.set_result(status)
+                    exit_fut.set_result(msg)
 
     def _lost(self, why: str) -> None:
         if self._sock is not None:
@@ -135,7 +136,7 @@ class Spawner:
                 fut.set_exception(error)
         self._pending.clear()
 
-    def _exit_future(self, pid: int) -> asyncio.Future[int]:
+    def _exit_future(self, pid: int) -> asyncio.Future[Exited]:
         fut = self._exits.get(pid)
         if fut is None:
             fut = self._exits[pid] = asyncio.get_running_loop().create_future()
@@ -169,8 +170,8 @@ class Spawner:
             raise
         return Spawned(pid=pid, pidfd=pidfd, sock=ours, seconds=time.monotonic() - started)
 
-    async def exit_status(self, pid: int, timeout: float) -> int | None:
-        """The wait status of a dead worker, as reported by the zygote that reaped it."""
+    async def exit_status(self, pid: int, timeout: float) -> Exited | None:
+        """How a dead worker ended, as reported by the zygote that reaped it."""
         fut = self._exit_future(pid)
         try:
             async with asyncio.timeout(timeout):

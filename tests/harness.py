@@ -75,13 +75,20 @@ class Corral:
         env["CORRAL_CONFIG"] = str(self.config_path)
         return env
 
-    def start(self, timeout: float = 30.0) -> Corral:
+    def start(self, timeout: float = 30.0, cgroup: Path | None = None) -> Corral:
+        """Start `corral serve`; in cgroup v2 directory `cgroup` if given."""
         self._log = open(self.log_path, "ab")
+
+        def enter_cgroup() -> None:
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "corral.cli.main", "serve", "--config", str(self.config_path)],
             env=self.env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=enter_cgroup if cgroup is not None else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

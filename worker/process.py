@@ -55,6 +55,29 @@ def set_cpu_backstop(seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
+def join_cgroup(workers: str, memory_max: int, pids_max: int, cpu_max: str) -> None:
+    """Move this process into a cgroup of its own under `workers`, with kernel limits.
+
+    Everything it forks from now on, strays included, is in there too.
+    """
+    cg = os.path.join(workers, str(os.getpid()))
+    os.mkdir(cg)
+    limits = {
+        "memory.max": str(memory_max) if memory_max else "",
+        "memory.oom.group": "1" if memory_max else "",
+        "memory.swap.max": "0" if memory_max else "",
+        "pids.max": str(pids_max) if pids_max else "",
+        "cpu.max": cpu_max,
+    }
+    for name, value in limits.items():
+        path = os.path.join(cg, name)
+        if value and os.path.exists(path):  # a controller the service was not given
+            with open(path, "w") as f:
+                f.write(value)
+    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write("0")  # "0": the writing process
+
+
 def confine(nice: int) -> None:
     """Own session and process group, lower priority, no core files, no privilege gain."""
     os.setsid()

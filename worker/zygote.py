@@ -22,7 +22,7 @@ import time
 import traceback
 
 from corral.protocol import spawn
-from corral.worker.process import become_subreaper, confine, die_with_parent
+from corral.worker.process import become_subreaper, confine, die_with_parent, join_cgroup
 from corral.worker.runtime import AgentLoadError, Runtime, load_agent
 
 
@@ -41,6 +41,8 @@ class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.workers: set[int] = set()
+        self.empty_cgroups: set[str] = set()
+        self.settings: spawn.WorkerSettings | None = None
 
     def send(self, msg: object, fds: list[int] | None = None) -> None:
         data = spawn.encode(msg)
@@ -53,9 +55,9 @@ class Zygote:
         data = self.sock.recv(spawn.MAX_PACKET)
         if not data:
             return
-        self.settings = spawn.settings_decoder.decode(data)
+        self.settings = settings = spawn.settings_decoder.decode(data)
         try:
-            self.agent = load_agent(self.settings.entrypoint)
+            self.agent = load_agent(settings.entrypoint)
         except AgentLoadError as e:
             self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {e}"))
             return
@@ -99,9 +101,13 @@ class Zygote:
                 signal.set_wakeup_fd(-1)
                 for other in closing:
                     os.close(other)
-                confine(self.settings.nice)
+                s = self.settings
+                assert s is not None
+                if s.cgroup_workers:
+                    join_cgroup(s.cgroup_workers, s.memory_max, s.pids_max, s.cpu_max)
+                confine(s.nice)
                 sock = socket.socket(fileno=fd)
-                code = Runtime(sock, request.session, self.settings, self.agent).serve()
+                code = Runtime(sock, request.session, s, self.agent).serve()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -134,9 +140,42 @@ class Zygote:
             if pid in self.workers:
                 self.workers.discard(pid)
                 worker_exited = True
-                self.send(spawn.Exited(pid=pid, status=status))
+                oom = self.release_cgroup(pid)
+                self.send(spawn.Exited(pid=pid, status=status, oom_killed=oom))
         if worker_exited:
             self.kill_strays()
+        self.remove_cgroups()
+
+    def release_cgroup(self, pid: int) -> bool:
+        """Kill what is left in a dead worker's cgroup; whether the kernel OOM-killed it."""
+        if self.settings is None or not self.settings.cgroup_workers:
+            return False
+        cg = os.path.join(self.settings.cgroup_workers, str(pid))
+        oom = False
+        try:
+            with open(os.path.join(cg, "memory.events")) as f:
+                counts = dict(line.split() for line in f if line.strip())
+            oom = counts.get("oom_kill", "0") != "0"
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(cg, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+        self.empty_cgroups.add(cg)
+        return oom
+
+    def remove_cgroups(self) -> None:
+        """rmdir the cgroups of dead workers once the kernel has emptied them."""
+        for cg in list(self.empty_cgroups):
+            try:
+                os.rmdir(cg)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # still busy: its killed processes are on their way out
+            self.empty_cgroups.discard(cg)
 
     def kill_strays(self) -> None:
         """Kill what a dead worker left behind: our children that are not workers."""
@@ -148,6 +187,15 @@ class Zygote:
 
     def kill_everything(self, timeout: float = 5.0) -> None:
         """Kill every worker and every descendant; wait until none is left."""
+        workers_cg = self.settings.cgroup_workers if self.settings else ""
+        if workers_cg:
+            for name in os.listdir(workers_cg):
+                self.empty_cgroups.add(os.path.join(workers_cg, name))
+                try:
+                    with open(os.path.join(workers_cg, name, "cgroup.kill"), "w") as f:
+                        f.write("1")
+                except OSError:
+                    pass
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # bounded: each round kills what it finds
             children = _children()
@@ -166,6 +214,7 @@ class Zygote:
                     break
                 if pid == 0:
                     break
+            self.remove_cgroups()
 
 
 def _terminate(signum: int, frame: object) -> None:
