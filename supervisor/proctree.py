@@ -2,9 +2,9 @@
 
 Workers are child subreapers, so every descendant, even one that double-forked
 and called setsid, stays below the worker while it lives. The walk reads
-/proc/<pid>/task/<tid>/children, which costs the size of the tree; psutil's
-children() scans every process on the machine, which with 1,000 workers is
-a thousand times more work per sample.
+/proc/<pid>/task/<tid>/children (corral.protocol.procfs), which costs the size of
+the tree; psutil's children() scans every process on the machine, which with
+1,000 workers is a thousand times more work per sample.
 These functions do file I/O: call them from the sampler's thread, not the loop.
 """
 
@@ -16,20 +16,7 @@ import signal
 import msgspec
 import psutil
 
-
-def children(pid: int) -> list[int]:
-    pids: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return pids
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return pids
+from corral.protocol.procfs import children
 
 
 def descendants(pid: int) -> list[int]:

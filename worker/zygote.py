@@ -20,21 +20,24 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 
 from corral.protocol import spawn
+from corral.protocol.procfs import children
 from corral.worker.process import become_subreaper, confine, die_with_parent, join_cgroup
 from corral.worker.runtime import AgentLoadError, Runtime, load_agent
 
 
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for tid in os.listdir("/proc/self/task"):
+def _reaped() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of every child that has exited, without blocking."""
+    while True:  # ends when no exited child is left
         try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids.update(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return pids
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 class Zygote:
@@ -130,13 +133,7 @@ class Zygote:
 
     def reap(self) -> None:
         worker_exited = False
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, status in _reaped():
             if pid in self.workers:
                 self.workers.discard(pid)
                 worker_exited = True
@@ -179,7 +176,7 @@ class Zygote:
 
     def kill_strays(self) -> None:
         """Kill what a dead worker left behind: our children that are not workers."""
-        for pid in _children() - self.workers:
+        for pid in children() - self.workers:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -198,22 +195,17 @@ class Zygote:
                     pass
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # bounded: each round kills what it finds
-            children = _children()
-            if not children:
+            left = children()
+            if not left:
                 return
-            for pid in children:
+            for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(0.01)
-            while True:
-                try:
-                    pid, _ = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
+            for _ in _reaped():
+                pass
             self.remove_cgroups()
 
 
