@@ -244,6 +244,28 @@ class Supervisor:
         self._closing = self._loop.create_future()
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.store.open()
+        await self.use_cgroups()
+        await self.spawner.start()
+        for key, until in (await self.store.quarantines()).items():
+            self.quarantine_until(self.session(key), until)
+        pending = await self.store.pending()
+        for message in pending:
+            s = self.session(message.session)
+            self._turn_done[message.id] = self._loop.create_future()
+            s.queue.append(message)
+        self.metrics.inbox_depth.set(len(pending))
+        if pending:
+            log.info("re-queued %d unfinished messages from the last run", len(pending))
+        for s in list(self.sessions.values()):
+            self.dispatch(s)
+        await self.outbox.prepare()
+        for name, channel in self.outbox.channels.items():
+            self.background(channel.run(), f"delivery to {name}")
+        self.background(self.watch(), "watchdog")
+        self.background(self.measure_lag(), "loop lag")
+
+    async def use_cgroups(self) -> None:
+        """Give each worker a cgroup with kernel limits, if the service owns a subtree."""
         self.delegation, why = await self.in_sampler(
             partial(cgroups.delegate, self.config.supervisor.cgroups)
         )
@@ -265,24 +287,6 @@ class Supervisor:
             )
         else:
             log.info("per-worker cgroups: not used (%s); bounds rely on sampling", why)
-        await self.spawner.start()
-        for key, until in (await self.store.quarantines()).items():
-            self.quarantine_until(self.session(key), until)
-        pending = await self.store.pending()
-        for message in pending:
-            s = self.session(message.session)
-            self._turn_done[message.id] = self._loop.create_future()
-            s.queue.append(message)
-        self.metrics.inbox_depth.set(len(pending))
-        if pending:
-            log.info("re-queued %d unfinished messages from the last run", len(pending))
-        for s in list(self.sessions.values()):
-            self.dispatch(s)
-        await self.outbox.prepare()
-        for name, channel in self.outbox.channels.items():
-            self.background(channel.run(), f"delivery to {name}")
-        self.background(self.watch(), "watchdog")
-        self.background(self.measure_lag(), "loop lag")
 
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Begin a graceful stop (SIGTERM, SIGINT, `corral drain`); idempotent."""
