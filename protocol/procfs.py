@@ -1,4 +1,5 @@
-"""Reading a process's children from /proc, for both the zygote and the supervisor.
+"""Process plumbing both the zygote and the supervisor need: a process's children
+from /proc, and prctl.
 
 /proc/<pid>/task/<tid>/children lists the children each thread forked (or was handed
 as a subreaper); reading it costs the size of the tree, where psutil's children()
@@ -7,7 +8,28 @@ scans every process on the machine.
 
 from __future__ import annotations
 
+import ctypes
 import os
+
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, arg: int) -> None:
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are re-parented to us instead of init.
+
+    Workers, the zygote and the supervisor all are: a worker's double-forked,
+    setsid'd grandchild stays in the worker's tree, where sampling counts it and the
+    kill path finds it; what a dead worker, or a dead zygote, leaves behind lands one
+    level up, where it is killed.
+    """
+    prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def children(pid: int | str = "self") -> set[int]:

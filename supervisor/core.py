@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from corral.protocol import frames, spawn
+from corral.protocol import frames, procfs, spawn
 from corral.protocol.config import Config
 from corral.protocol.control import KillResult, SessionInfo, Status
 from corral.protocol.types import (
@@ -77,6 +77,7 @@ worker_log = logging.getLogger("corral.worker")
 HELLO_TIMEOUT = 30.0
 SAMPLE_INTERVAL = 0.1  # seconds between watchdog ticks
 SAMPLE_BUDGET = 64  # worker trees sampled per tick, at most: a tick's cost is bounded
+STRAY_SWEEP_TICKS = 10  # ticks between sweeps for what a dead zygote left
 LAG_INTERVAL = 0.1
 MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
 SPAWN_RETRY = 1.0
@@ -244,6 +245,7 @@ class Supervisor:
         self._closing = self._loop.create_future()
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.store.open()
+        procfs.become_subreaper()  # a dead zygote's orphans come to us (see watch)
         await self.use_cgroups()
         await self.spawner.start()
         for key, until in (await self.store.quarantines()).items():
@@ -846,8 +848,15 @@ class Supervisor:
     async def watch(self) -> None:
         """The watchdog: sample worker trees on a bounded budget and enforce rss/cpu bounds."""
         loop = asyncio.get_running_loop()
+        ticks = 0
         while True:  # ends when cancelled at close
             await asyncio.sleep(SAMPLE_INTERVAL)
+            ticks += 1
+            if ticks % STRAY_SWEEP_TICKS == 0:
+                keep = set(self.spawner.zygote_pids)
+                killed = await self.in_sampler(partial(proctree.kill_strays, keep))
+                if killed:
+                    log.warning("killed %d processes orphaned by a dead zygote", len(killed))
             batch = self.pick_for_sampling()
             if not batch:
                 continue

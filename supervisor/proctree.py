@@ -10,6 +10,7 @@ These functions do file I/O: call them from the sampler's thread, not the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -55,6 +56,23 @@ def sample_tree(pid: int) -> TreeSample | None:
             if i == 0:
                 return None
     return TreeSample(rss=rss, cpu=cpu, processes=count)
+
+
+def kill_strays(keep: set[int]) -> list[int]:
+    """SIGKILL and reap this process's children other than `keep` (the zygotes).
+
+    Only a zygote that died leaves orphans to us (we are a subreaper). Our own
+    children's PIDs cannot be recycled before we reap them, so signalling them by
+    PID is safe. A killed stray is reaped on the next call.
+    """
+    killed = []
+    for pid in children() - keep:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return killed
 
 
 def signal_descendants(root_pidfd: int, pid: int, sig: int) -> int:

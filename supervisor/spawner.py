@@ -47,6 +47,7 @@ class Spawner:
         self._exits: dict[int, asyncio.Future[Exited]] = {}
         self._ready: asyncio.Future[int] | None = None
         self._starting: asyncio.Lock = asyncio.Lock()
+        self.zygote_pids: set[int] = set()  # every zygote started: the supervisor's own children
 
     @property
     def zygote_pid(self) -> int | None:
@@ -67,6 +68,7 @@ class Spawner:
             )
         finally:
             theirs.close()
+        self.zygote_pids.add(self._proc.pid)
         ours.setblocking(False)
         self._sock = ours
         self._ready = loop.create_future()

@@ -203,13 +203,22 @@ def test_a_killed_zygote_takes_its_workers_and_is_replaced(corral):
     assert c.texts("z1", "echo before") == ["before"]
     zygote = json.loads(c.cli("status", "--json").stdout)["zygote_pid"]
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(c.send("z2", "hang", wait=30)))
+    # a stray that double-forked away from its worker: re-parented to the supervisor
+    # when the zygote and the worker are gone, and killed there
+    t = threading.Thread(target=lambda: result.update(c.send("z2", "orphan; hang", wait=30)))
     t.start()
-    time.sleep(1.0)
+    time.sleep(1.5)
+    marked = {p.pid for p in processes_with_mark(c.mark)}
     os.kill(zygote, signal.SIGKILL)
     t.join(40)
     assert result["status"] == "error"
     assert reason(result["replies"][-1]["text"]) == "crashed"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and marked & {p.pid for p in processes_with_mark(c.mark)} - {
+        c.proc.pid
+    }:
+        time.sleep(0.1)
+    assert not marked & {p.pid for p in processes_with_mark(c.mark)} - {c.proc.pid}
     assert c.texts("z1", "echo after") == ["after"]  # a new zygote serves the session
     new_zygote = json.loads(c.cli("status", "--json").stdout)["zygote_pid"]
     assert new_zygote != zygote

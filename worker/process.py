@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
 
+from corral.protocol.procfs import become_subreaper, prctl
+
 _PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def prctl(option: int, arg: int) -> None:
-    if _libc.prctl(option, arg, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -26,15 +18,6 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def become_subreaper() -> None:
-    """Orphaned descendants are re-parented to us instead of init.
-
-    A worker's double-forked, setsid'd grandchild thereby stays in the worker's
-    process tree, where sampling counts it and the kill path finds it.
-    """
-    prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def no_new_privs() -> None:
