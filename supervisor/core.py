@@ -353,6 +353,8 @@ class Supervisor:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2.0)
         await self.spawner.stop()
+        # orphans of a zygote that died since the last sweep would outlive us
+        proctree.kill_strays(self.spawner.zygote_pids)
         for w in list(self.workers.values()):
             w.close()
         await self.store.close()
