@@ -32,6 +32,19 @@ def become_subreaper() -> None:
     prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def set_title(title: str) -> None:
+    """What `ps` and `top` show for this process, e.g. "corral: worker alice".
+
+    SPT_NOENV keeps the environment block intact (setproctitle would otherwise
+    reuse it for a longer title, and /proc/<pid>/environ would show the title); the
+    title is cut to the length of the original command line instead.
+    """
+    os.environ["SPT_NOENV"] = "1"
+    from setproctitle import setproctitle
+
+    setproctitle(title)
+
+
 def children(pid: int | str = "self") -> set[int]:
     """Direct children of `pid` (default: this process); empty if it is gone."""
     found: set[int] = set()

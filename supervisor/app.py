@@ -10,9 +10,8 @@ import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from setproctitle import setproctitle
-
 from corral.protocol.config import Config, split_listen
+from corral.protocol.procfs import set_title
 from corral.supervisor.channels.http import HttpChannel
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.core import Supervisor
@@ -76,7 +75,7 @@ def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
 async def serve(config: Config) -> int:
     """Run the supervisor; the process exit code."""
     loop = asyncio.get_running_loop()
-    setproctitle(f"corral: supervisor {config.state_path}")
+    set_title(f"corral: supervisor {config.state_path}")
     notifier = Notifier()
     try:
         lock_fd = lock_state_dir(config.state_path)

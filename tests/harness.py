@@ -98,9 +98,15 @@ class Corral:
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            # leftover checks find processes by the mark in their environment: make
+            # sure that works for this run, or every such check would pass vacuously
+            marked = {p.pid for p in processes_with_mark(self.mark)}
+            assert self.proc.pid in marked, "the supervisor's environment does not show the mark"
+            return self
         raise RuntimeError(f"corral serve did not listen within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:

@@ -22,10 +22,8 @@ import time
 import traceback
 from collections.abc import Iterator
 
-from setproctitle import setproctitle
-
 from corral.protocol import spawn
-from corral.protocol.procfs import children
+from corral.protocol.procfs import children, set_title
 from corral.worker.process import become_subreaper, confine, die_with_parent, join_cgroup
 from corral.worker.runtime import AgentLoadError, Runtime, load_agent
 
@@ -111,7 +109,7 @@ class Zygote:
                 if s.cgroup_workers:
                     join_cgroup(s.cgroup_workers, s.memory_max, s.pids_max, s.cpu_max)
                 confine(s.nice)
-                setproctitle(f"corral: worker {request.session}")
+                set_title(f"corral: worker {request.session}")
                 sock = socket.socket(fileno=fd)
                 code = Runtime(sock, request.session, s, self.agent).serve()
             except BaseException:
@@ -218,7 +216,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
-    setproctitle("corral: zygote")
+    set_title("corral: zygote")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
     die_with_parent(signal.SIGTERM)
