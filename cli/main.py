@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -47,6 +48,8 @@ def serve(config_path: str | None, log_level: str) -> None:
     from corral.supervisor.app import serve as run
 
     config = _load(config_path)
+    # a watchdog kill (SIGABRT) then leaves every thread's stack in the journal
+    faulthandler.enable()
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

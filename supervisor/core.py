@@ -214,6 +214,7 @@ class Supervisor:
             )
         )
         self.metrics = Metrics()
+        self.metrics.declare_channels(["http", *config.channels.webhook])
         self.delegation: cgroups.Delegation | None = None
         self.sessions: dict[str, Session] = {}
         self.workers: dict[int, Worker] = {}

@@ -126,6 +126,17 @@ class Metrics:
             "corral_inbox_depth", "Accepted messages whose turn has not ended", registry=r
         )
 
+    def declare_channels(self, channels: Iterable[str]) -> None:
+        """Start every channel's counters at 0, so the first event is an increase."""
+        for channel in channels:
+            for counter in (
+                self.accepted,
+                self.delivered,
+                self.delivery_failures,
+                self.dead_letters,
+            ):
+                counter.labels(channel)
+
     def snapshot(self, rows: Iterable[SessionRow]) -> None:
         self.sessions.rows = list(rows)
 
