@@ -786,6 +786,13 @@ class Supervisor:
             await self.store.set_quarantine(s.key, until)
             self.quarantine_until(s, until)
 
+    def forget_old_exits(self) -> None:
+        """Drop exit histories older than restart_period: the dict stays as small as
+        the set of sessions that failed recently."""
+        horizon = time.monotonic() - float(self.limits.restart_period)
+        for key in [k for k, h in self.exit_history.items() if not h or h[-1] < horizon]:
+            del self.exit_history[key]
+
     def quarantine_until(self, s: Session, until: float) -> None:
         s.quarantined_until = until
         if s.quarantine_timer:
@@ -860,6 +867,7 @@ class Supervisor:
                 killed = await self.in_sampler(partial(proctree.kill_strays, keep))
                 if killed:
                     log.warning("killed %d processes orphaned by a dead zygote", len(killed))
+                self.forget_old_exits()
             batch = self.pick_for_sampling()
             if not batch:
                 continue
