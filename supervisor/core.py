@@ -200,7 +200,11 @@ class Supervisor:
         self.config = config
         self.limits = config.limits
         state_dir = config.state_path
-        self.store = store or Store(state_dir / "corral.db")
+        # for the durability benchmark only: the same run without fsync at commit
+        no_fsync = os.environ.get("CORRAL_BENCH_NO_FSYNC") == "1"
+        if no_fsync:
+            log.warning("CORRAL_BENCH_NO_FSYNC=1: commits are not synced; accepted is not durable")
+        self.store = store or Store(state_dir / "corral.db", durable=not no_fsync)
         self.max_frame = (
             max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
         )
