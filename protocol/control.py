@@ -20,6 +20,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     queue: int
     restarts: int  # workers spawned for this session by this supervisor
     last_exit: str | None
+    demoted: bool  # runs SCHED_IDLE since one of its turns burned CPU
     quarantined_until: float | None  # unix time
 
 

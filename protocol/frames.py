@@ -56,6 +56,12 @@ class Done(msgspec.Struct, tag="done", frozen=True):
     turn_id: str
     # set when the agent failed: what the user's error reply says after "turn failed: "
     error: str | None = None
+    # The worker's own view, as a hint: its peak RSS (bytes; itself and its reaped
+    # children) and the CPU seconds the turn took. Near a bound, the supervisor
+    # measures the tree itself before it ends the turn; the watchdog's sampling
+    # stays the authority, so a worker gains nothing by understating these.
+    peak_rss: int = 0
+    turn_cpu: float = 0.0
 
 
 # supervisor -> worker

@@ -78,6 +78,8 @@ HELLO_TIMEOUT = 30.0
 SAMPLE_INTERVAL = 0.1  # seconds between watchdog ticks
 SAMPLE_BUDGET = 64  # worker trees sampled per tick, at most: a tick's cost is bounded
 STRAY_SWEEP_TICKS = 10  # ticks between sweeps for what a dead zygote left
+NEAR_BOUND = 0.8  # a turn whose own figures pass this share of a bound is measured at its end
+DEMOTE_CPU = 0.5  # CPU seconds in one turn after which a worker's tree runs SCHED_IDLE
 LAG_INTERVAL = 0.1
 MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
 SPAWN_RETRY = 1.0
@@ -227,7 +229,9 @@ class Supervisor:
         self.draining = False
         self.started_wall = time.time()
         self.lag = 0.0
-        self._turn_done: dict[str, asyncio.Future[None]] = {}
+        # message id -> its turn's end, with the replies when they are all known here
+        self._turn_done: dict[str, asyncio.Future[list[Reply] | None]] = {}
+        self._turn_replies: dict[str, list[Reply]] = {}
         self.reply_signals = Signals()
         self._turn_ended = asyncio.Event()
         self._stop_requested = asyncio.Event()
@@ -392,19 +396,24 @@ class Supervisor:
         self.metrics.accepted.labels(origin.channel).inc()
         self.metrics.inbox_depth.inc()
         self._turn_done[message.id] = asyncio.get_running_loop().create_future()
+        self._turn_replies[message.id] = []  # a first run: every reply passes through here
         s = self.session(session)
         s.queue.append(message)
         s.last_used = time.monotonic()
         self.dispatch(s)
         return accepted
 
-    async def wait_turn(self, message_id: str, timeout: float) -> bool:
-        """Wait until the message's turn has ended; False if it has not within `timeout`."""
+    async def wait_turn(self, message_id: str, timeout: float) -> tuple[bool, list[Reply] | None]:
+        """Wait until the message's turn has ended: (ended, its replies if known here).
+
+        The replies are None when only the store has them all (a turn run again after
+        a restart, or one that ended before this call).
+        """
         fut = self._turn_done.get(message_id)
         if fut is None:
-            return True
+            return True, None
         await self.wait_or_closing(fut, timeout)
-        return fut.done()
+        return fut.done(), fut.result() if fut.done() else None
 
     async def wait_or_closing(self, fut: asyncio.Future[Any], timeout: float) -> None:
         """Wait for `fut` (never cancelling it) until `timeout` or until the supervisor stops."""
@@ -581,15 +590,19 @@ class Supervisor:
             case frames.Progress(note=note):
                 if self.count_output(w, len(note)):
                     t.last_progress = loop.time()
-            case frames.Done(error=error):
+            case frames.Done(error=error, peak_rss=peak_rss, turn_cpu=turn_cpu):
                 # A turn can cross the memory or CPU bound between two watchdog ticks and
-                # end before the next: measure once more, so the turn that crossed it is
-                # the one that is told.
-                sample = await self.in_sampler(partial(proctree.sample_tree, w.pid))
-                if sample is not None and not w.dead.is_set():
-                    w.sample = sample
-                    w.sampled_at = loop.time()
-                    self.check_resources(w)
+                # end before the next. When the worker's own figures come near a bound,
+                # measure once more, so the turn that crossed it is the one that is told.
+                near = NEAR_BOUND * int(self.limits.rss_max) < peak_rss or (
+                    NEAR_BOUND * float(self.limits.cpu_time_per_turn) < turn_cpu
+                )
+                if near:
+                    sample = await self.in_sampler(partial(proctree.sample_tree, w.pid))
+                    if sample is not None and not w.dead.is_set():
+                        w.sample = sample
+                        w.sampled_at = loop.time()
+                        self.check_resources(w)
                 if w.stop_reason is None:
                     await self.end_turn(s, w, error)
 
@@ -682,6 +695,8 @@ class Supervisor:
         if kind == ERROR:
             log.warning("session %s: %s", message.session, text)
         self.reply_signals.notify(reply_key(message.session, message.origin.channel))
+        if (replies := self._turn_replies.get(message.id)) is not None:
+            replies.append(reply)
         for listener in self.on_reply:
             listener(reply)
 
@@ -689,8 +704,9 @@ class Supervisor:
         await self.store.finish(message.id, state)
         self.metrics.inbox_depth.dec()
         fut = self._turn_done.pop(message.id, None)
+        replies = self._turn_replies.pop(message.id, None)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(replies)
 
     # ---- stopping workers
 
@@ -903,10 +919,29 @@ class Supervisor:
         if w.turn is not None:
             used = w.cpu - w.turn.cpu_base
             limit = float(self.limits.cpu_time_per_turn)
+            if used > min(DEMOTE_CPU, limit / 2) and not w.demoted:
+                self.demote(w)
             if used > limit:
                 self.stop(
                     w, CPU_LIMIT, f"CPU time limit exceeded ({used:.1f}s > {limit:g}s in this turn)"
                 )
+
+    def demote(self, w: Worker) -> None:
+        """A turn that burns CPU gives way to every other worker (SCHED_IDLE) for the
+        rest of its worker's life: short, interactive turns keep their latency on a
+        small machine. The worker is replaced after idle_timeout like any other."""
+        w.demoted = True
+        fd = w.dup_pidfd()
+        if fd is None:
+            return
+
+        def move() -> int:
+            try:
+                return proctree.demote_tree(fd, w.pid)
+            finally:
+                os.close(fd)
+
+        self.background(self.in_sampler(move), f"demote {w.session}")
 
     async def measure_lag(self) -> None:
         loop = asyncio.get_running_loop()
@@ -939,6 +974,7 @@ class Supervisor:
             queue=s.queue_depth,
             restarts=s.restarts,
             last_exit=s.last_exit,
+            demoted=w.demoted if w else False,
             quarantined_until=s.quarantined_until,
         )
 

@@ -58,6 +58,21 @@ def sample_tree(pid: int) -> TreeSample | None:
     return TreeSample(rss=rss, cpu=cpu, processes=count)
 
 
+def demote_tree(root_pidfd: int, pid: int) -> int:
+    """Move `pid` and its descendants to SCHED_IDLE: they run only on CPU time that
+    nothing else wants. Children forked later inherit it. How many were moved."""
+    moved = 0
+    idle = os.sched_param(0)
+    for p in [pid, *descendants(pid)]:
+        try:
+            signal.pidfd_send_signal(root_pidfd, 0)  # the root is still ours: pids are too
+            os.sched_setscheduler(p, os.SCHED_IDLE, idle)
+            moved += 1
+        except (ProcessLookupError, PermissionError):
+            continue
+    return moved
+
+
 def kill_strays(keep: set[int]) -> list[int]:
     """SIGKILL and reap this process's children other than `keep` (the zygotes).
 

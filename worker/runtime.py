@@ -12,6 +12,7 @@ import importlib
 import inspect
 import logging
 import os
+import resource
 import socket
 import threading
 from collections.abc import Callable
@@ -173,6 +174,7 @@ class Runtime:
         transcript.append("user", turn.text, turn.id)
         ctx = Context(self.conn, turn, transcript, self.settings.options, self.state_dir)
         set_cpu_backstop(self.settings.cpu_time_per_turn + 2)
+        cpu_before = _cpu_seconds()
         error = None
         try:
             result = self.agent(turn, ctx)
@@ -188,4 +190,23 @@ class Runtime:
             error = f"the agent raised {type(e).__name__}: {e}"
         if error is not None:
             transcript.append("error", error, turn.id)
-        self.conn.send(frames.Done(turn_id=turn.id, error=error))
+        self.conn.send(
+            frames.Done(
+                turn_id=turn.id,
+                error=error,
+                peak_rss=_peak_rss(),
+                turn_cpu=_cpu_seconds() - cpu_before,
+            )
+        )
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+def _peak_rss() -> int:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + reaped) * 1024  # ru_maxrss is in KiB on Linux

@@ -202,9 +202,10 @@ class HttpChannel:
         message = accepted.message
         if wait is None:
             return json_response(MessageResult(message.id, message.session, "accepted"), 202)
-        finished = await self.sup.wait_turn(message.id, wait)
-        stored = await self.sup.store.replies_for_message(message.id)
-        replies = [ReplyOut(r.reply.text, r.reply.kind) for r in stored]
+        finished, known = await self.sup.wait_turn(message.id, wait)
+        if known is None:
+            known = [r.reply for r in await self.sup.store.replies_for_message(message.id)]
+        replies = [ReplyOut(r.text, r.kind) for r in known]
         if not finished:
             status = "pending"
         elif any(r.kind == ERROR for r in replies):
