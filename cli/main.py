@@ -307,7 +307,7 @@ def show(session: str, config_path: str | None, timeout: float, as_json: bool) -
         "queue": body["queue"],
         "restarts": body["restarts"],
         "last exit": body["last_exit"] or "-",
-        "scheduling": "idle (after a CPU-heavy turn)" if body["demoted"] else "normal",
+        "scheduling": "idle (since a CPU-heavy turn or a broken bound)" if body["demoted"] else "normal",
         "quarantined until": _fmt_until(body["quarantined_until"]),
     }
     for key, value in shown.items():

@@ -500,6 +500,10 @@ class Supervisor:
             return
         s.spawning = False
         w = Worker(s.key, spawned, self.on_worker_exit)
+        if self.exit_history.get(s.key):
+            # this session broke a bound within restart_period: its new worker gives
+            # way to every well-behaved one until the history is forgotten
+            self.demote(w)
         s.worker = w
         s.restarts += 1
         self.workers[w.pid] = w
@@ -927,9 +931,10 @@ class Supervisor:
                 )
 
     def demote(self, w: Worker) -> None:
-        """A turn that burns CPU gives way to every other worker (SCHED_IDLE) for the
-        rest of its worker's life: short, interactive turns keep their latency on a
-        small machine. The worker is replaced after idle_timeout like any other."""
+        """Let a worker run only on CPU time nothing else wants (SCHED_IDLE), for the rest
+        of its life: one whose turn burns CPU, or one of a session that recently broke a
+        bound. Short, interactive turns of other sessions keep their latency on a small
+        machine. The worker is replaced after idle_timeout like any other."""
         w.demoted = True
         fd = w.dup_pidfd()
         if fd is None:

@@ -63,12 +63,18 @@ def demote_tree(root_pidfd: int, pid: int) -> int:
     nothing else wants. Children forked later inherit it. How many were moved."""
     moved = 0
     idle = os.sched_param(0)
+    our_session = os.getsid(0)
     for p in [pid, *descendants(pid)]:
         try:
             signal.pidfd_send_signal(root_pidfd, 0)  # the root is still ours: pids are too
             os.sched_setscheduler(p, os.SCHED_IDLE, idle)
+            if os.getsid(p) != our_session:
+                # a descendant that called setsid is a scheduling group of its own under
+                # autogroup, where its policy counts for little: lower the group instead
+                with open(f"/proc/{p}/autogroup", "w") as f:
+                    f.write("19")
             moved += 1
-        except (ProcessLookupError, PermissionError):
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
             continue
     return moved
 

@@ -62,8 +62,15 @@ def join_cgroup(workers: str, memory_max: int, pids_max: int, cpu_max: str) -> N
 
 
 def confine(nice: int) -> None:
-    """Own session and process group, lower priority, no core files, no privilege gain."""
-    os.setsid()
+    """Own process group, lower priority, no core files, no privilege gain.
+
+    A process group of its own keeps the terminal's Ctrl-C away from workers. Not a
+    session of its own: with the kernel's autogroup scheduling (on by default on
+    desktops and many servers) every session is a scheduling group with an equal
+    share, so a setsid'd worker spinning at nice 10 would take as much CPU as the
+    whole supervisor; in the supervisor's session, nice and SCHED_IDLE do their job.
+    """
+    os.setpgid(0, 0)
     die_with_parent()
     become_subreaper()
     no_new_privs()
