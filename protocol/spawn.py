@@ -33,6 +33,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
 class Spawn(msgspec.Struct, tag="spawn", frozen=True):
     seq: int
     session: str
+    idle: bool = False  # start at SCHED_IDLE: the session broke a bound recently
 
 
 # zygote -> supervisor

@@ -491,7 +491,10 @@ class Supervisor:
 
     async def spawn(self, s: Session) -> None:
         try:
-            spawned = await self.spawner.spawn(s.key)
+            # a session that broke a bound within restart_period starts at idle priority:
+            # its worker gives way to every well-behaved one until that is forgotten
+            penalized = bool(self.exit_history.get(s.key))
+            spawned = await self.spawner.spawn(s.key, idle=penalized)
         except (SpawnError, TimeoutError) as e:
             s.spawning = False
             log.error("session %s: cannot start a worker: %s", s.key, e)
@@ -500,10 +503,7 @@ class Supervisor:
             return
         s.spawning = False
         w = Worker(s.key, spawned, self.on_worker_exit)
-        if self.exit_history.get(s.key):
-            # this session broke a bound within restart_period: its new worker gives
-            # way to every well-behaved one until the history is forgotten
-            self.demote(w)
+        w.demoted = penalized
         s.worker = w
         s.restarts += 1
         self.workers[w.pid] = w

@@ -144,7 +144,7 @@ class Spawner:
             fut = self._exits[pid] = asyncio.get_running_loop().create_future()
         return fut
 
-    async def spawn(self, session: str) -> Spawned:
+    async def spawn(self, session: str, idle: bool = False) -> Spawned:
         await self.ensure_started()
         assert self._sock is not None
         started = time.monotonic()
@@ -155,7 +155,9 @@ class Spawner:
         self._pending[seq] = fut
         try:
             socket.send_fds(
-                self._sock, [spawn.encode(spawn.Spawn(seq=seq, session=session))], [theirs.fileno()]
+                self._sock,
+                [spawn.encode(spawn.Spawn(seq=seq, session=session, idle=idle))],
+                [theirs.fileno()],
             )
         except OSError as e:
             self._pending.pop(seq, None)

@@ -222,3 +222,23 @@ def test_a_killed_zygote_takes_its_workers_and_is_replaced(corral):
     assert c.texts("z1", "echo after") == ["after"]  # a new zygote serves the session
     new_zygote = json.loads(c.cli("status", "--json").stdout)["zygote_pid"]
     assert new_zygote != zygote
+
+
+def test_workers_run_below_the_supervisor_and_a_faulty_session_runs_idle(corral):
+    c = start(corral)
+    assert c.texts("calm", "echo hi") == ["hi"]
+    calm = next(r["pid"] for r in c.ls() if r["session"] == "calm")
+    # its own process group, but the supervisor's session: under autogroup scheduling a
+    # session of its own would get a CPU share equal to the supervisor's
+    assert os.getpgid(calm) == calm
+    assert os.getsid(calm) == os.getsid(c.proc.pid)
+    assert os.getpriority(os.PRIO_PROCESS, calm) == os.getpriority(os.PRIO_PROCESS, c.proc.pid) + 10
+    assert os.sched_getscheduler(calm) == os.SCHED_OTHER
+
+    _, text, _ = fault(c, "rowdy", "crash", 0)
+    assert reason(text) == "crashed"
+    assert c.texts("rowdy", "echo back") == ["back"]
+    rowdy = next(r["pid"] for r in c.ls() if r["session"] == "rowdy")
+    assert os.sched_getscheduler(rowdy) == os.SCHED_IDLE
+    assert json.loads(c.cli("show", "rowdy", "--json").stdout)["demoted"] is True
+    assert os.sched_getscheduler(calm) == os.SCHED_OTHER

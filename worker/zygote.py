@@ -109,6 +109,8 @@ class Zygote:
                 if s.cgroup_workers:
                     join_cgroup(s.cgroup_workers, s.memory_max, s.pids_max, s.cpu_max)
                 confine(s.nice)
+                if request.idle:
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
                 set_title(f"corral: worker {request.session}")
                 sock = socket.socket(fileno=fd)
                 code = Runtime(sock, request.session, s, self.agent).serve()
