@@ -264,6 +264,20 @@ def stop(r: dict[str, Any]) -> list[str]:
     return out + _table(rows)
 
 
+def durability(r: dict[str, Any]) -> list[str]:
+    rows = [["", "accepted/s (202)", "failures"]]
+    for name, key in (
+        ("durable (fsync at commit)", "durable"),
+        ("commits not synced", "not_synced"),
+    ):
+        rows.append([name, _n(r[key]["accepted_per_s"]), str(r[key]["failures"])])
+    return [
+        "7. Durability: accepts over HTTP, 32 clients, 64 sessions, turns running behind",
+        *_table(rows),
+        f"   durable / not synced: {r['ratio']}",
+    ]
+
+
 SECTIONS = {
     "isolation": isolation,
     "reaction": reaction,
@@ -271,6 +285,7 @@ SECTIONS = {
     "throughput": throughput,
     "scale": scale,
     "stop": stop,
+    "durability": durability,
 }
 
 
