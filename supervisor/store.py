@@ -237,16 +237,6 @@ class Store:
 
         return await self._submit(op)
 
-    async def get_message(self, message_id: str) -> Message | None:
-        def op(conn: sqlite3.Connection) -> Message | None:
-            row = conn.execute(
-                "SELECT seq, id, session, text, origin, attempts, state FROM messages WHERE id = ?",
-                (message_id,),
-            ).fetchone()
-            return _message(row) if row else None
-
-        return await self._submit(op)
-
     async def start_attempt(self, message_id: str) -> int:
         """Count a start of the message's turn, durably, before it runs; the new count."""
 
