@@ -184,8 +184,8 @@ class Store:
                 log.error("store commit failed: %s", e)
                 conn.execute("ROLLBACK")
                 results = [(fut, None, e) for fut, _, _ in results]
-            for fut, value, error in results:
-                self._loop.call_soon_threadsafe(_settle, fut, value, error)
+            # one wake-up of the loop for the whole group, not one per operation
+            self._loop.call_soon_threadsafe(_settle_all, results)
         conn.close()
         if self._closed is not None:
             self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
@@ -454,6 +454,11 @@ def _stored_reply(row: tuple[Any, ...]) -> StoredReply:
     return StoredReply(
         reply=reply, cursor=cursor, delivery=delivery, attempts=attempts, created_at=created
     )
+
+
+def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, error in results:
+        _settle(fut, value, error)
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
