@@ -590,7 +590,8 @@ class Supervisor:
                 t.last_progress = loop.time()
                 index = t.next_index
                 t.next_index += 1
-                await self.send_reply(t.message, index, text, REPLY)
+                # not awaited: the next frame need not wait for this commit
+                self.queue_reply(t.message, index, text, REPLY)
             case frames.Progress(note=note):
                 if self.count_output(w, len(note)):
                     t.last_progress = loop.time()
@@ -692,12 +693,32 @@ class Supervisor:
 
     async def send_reply(self, message: Message, index: int, text: str, kind: str) -> None:
         """Store a reply for delivery to the origin of `message`, and nowhere else."""
+        await self.queue_reply(message, index, text, kind)
+
+    def queue_reply(
+        self, message: Message, index: int, text: str, kind: str
+    ) -> asyncio.Future[Reply | None]:
+        """Queue a reply for the store without waiting for its commit.
+
+        The turn's finish is queued after it, so it commits no earlier; the reply is
+        announced (long-polls, outbox, ?wait) once it is committed.
+        """
         push = message.origin.channel in self.config.channels.webhook
-        reply = await self.store.add_reply(message, index, text, kind, push=push)
+        fut = self.store.add_reply(message, index, text, kind, push=push)
+        fut.add_done_callback(partial(self.reply_stored, message, kind))
+        return fut
+
+    def reply_stored(self, message: Message, kind: str, fut: asyncio.Future[Reply | None]) -> None:
+        if fut.cancelled():
+            return
+        if (error := fut.exception()) is not None:
+            log.error("session %s: a reply could not be stored: %s", message.session, error)
+            return
+        reply = fut.result()
         if reply is None:
             return  # shown already, by an earlier run of the same turn
         if kind == ERROR:
-            log.warning("session %s: %s", message.session, text)
+            log.warning("session %s: %s", message.session, reply.text)
         self.reply_signals.notify(reply_key(message.session, message.origin.channel))
         if (replies := self._turn_replies.get(message.id)) is not None:
             replies.append(reply)

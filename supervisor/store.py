@@ -270,10 +270,13 @@ class Store:
 
     # ---- outbox
 
-    async def add_reply(
+    def add_reply(
         self, message: Message, index: int, text: str, kind: str, push: bool = False
-    ) -> Reply | None:
+    ) -> asyncio.Future[Reply | None]:
         """Store a reply keyed by (message, index); None if that reply exists already.
+
+        Queued at once, in call order (what is queued after it commits with it or
+        later), so a caller may go on without awaiting the returned future.
 
         `push` replies wait in the outbox for delivery to their channel; the others
         are fetched by the client (the HTTP channel's long-poll).
@@ -307,7 +310,7 @@ class Store:
             )
             return reply if cur.rowcount else None
 
-        return await self._submit(op)
+        return self._submit(op)
 
     async def replies_for_message(self, message_id: str) -> list[StoredReply]:
         def op(conn: sqlite3.Connection) -> list[StoredReply]:
