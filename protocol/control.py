@@ -18,7 +18,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     turn: str | None  # id of the message being handled
     attempt: int | None
     queue: int
-    restarts: int  # workers spawned for this session by this supervisor
+    restarts: int  # workers of this session that ended abnormally (kept across restarts)
     last_exit: str | None
     demoted: bool  # runs SCHED_IDLE since one of its turns burned CPU
     quarantined_until: float | None  # unix time

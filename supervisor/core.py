@@ -55,7 +55,7 @@ from corral.supervisor import cgroups, proctree
 from corral.supervisor.delivery import Outbox
 from corral.supervisor.metrics import Metrics, SessionRow
 from corral.supervisor.spawner import Spawner, SpawnError
-from corral.supervisor.store import DONE, FAILED, Accepted, Message, Store
+from corral.supervisor.store import DONE, FAILED, Accepted, Message, SessionRecord, Store
 from corral.supervisor.workers import (
     BUSY,
     IDLE,
@@ -223,6 +223,7 @@ class Supervisor:
         self.metrics.declare_channels(["http", *config.channels.webhook])
         self.delegation: cgroups.Delegation | None = None
         self.sessions: dict[str, Session] = {}
+        self.history: dict[str, SessionRecord] = {}  # sessions that ever failed
         self.workers: dict[int, Worker] = {}
         self.waiting: deque[Session] = deque()  # sessions waiting for a worker slot
         self.exit_history: dict[str, deque[float]] = {}
@@ -257,8 +258,10 @@ class Supervisor:
         procfs.become_subreaper()  # a dead zygote's orphans come to us (see watch)
         await self.use_cgroups()
         await self.spawner.start()
-        for key, until in (await self.store.quarantines()).items():
-            self.quarantine_until(self.session(key), until)
+        self.history = await self.store.session_records()
+        for key, record in self.history.items():
+            if record.quarantined_until is not None and record.quarantined_until > time.time():
+                self.quarantine_until(self.session(key), record.quarantined_until)
         pending = await self.store.pending()
         for message in pending:
             s = self.session(message.session)
@@ -375,6 +378,8 @@ class Supervisor:
         s = self.sessions.get(key)
         if s is None:
             s = self.sessions[key] = Session(key)
+            if (record := self.history.get(key)) is not None:
+                s.restarts, s.last_exit = record.restarts, record.last_exit
         return s
 
     async def accept(
@@ -505,7 +510,6 @@ class Supervisor:
         w = Worker(s.key, spawned, self.on_worker_exit)
         w.demoted = penalized
         s.worker = w
-        s.restarts += 1
         self.workers[w.pid] = w
         self.background(self.serve_worker(s, w), f"worker {s.key}")
 
@@ -804,6 +808,11 @@ class Supervisor:
                 await self.finish(t.message, FAILED)
                 self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
         if reason in ABNORMAL_REASONS:
+            s.restarts += 1
+            self.history[s.key] = SessionRecord(
+                quarantined_until=s.quarantined_until, restarts=s.restarts, last_exit=reason
+            )
+            await self.store.record_abnormal_exit(s.key, reason)
             await self.record_abnormal_exit(s)
         if s.worker is w:
             s.worker = None

@@ -70,7 +70,9 @@ CREATE INDEX IF NOT EXISTS replies_by_message ON replies (message_id, idx);
 CREATE INDEX IF NOT EXISTS replies_undelivered ON replies (delivery, next_attempt_at);
 CREATE TABLE IF NOT EXISTS sessions (
     key TEXT PRIMARY KEY,
-    quarantined_until REAL
+    quarantined_until REAL,
+    restarts INTEGER NOT NULL DEFAULT 0,  -- workers that ended abnormally, all time
+    last_exit TEXT
 );
 """
 
@@ -101,6 +103,12 @@ class StoredReply(msgspec.Struct, frozen=True, kw_only=True):
 class Accepted(msgspec.Struct, frozen=True):
     message: Message
     duplicate: bool
+
+
+class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    quarantined_until: float | None  # unix time
+    restarts: int
+    last_exit: str | None
 
 
 class StoreClosed(Exception):
@@ -401,7 +409,9 @@ class Store:
     async def set_quarantine(self, session: str, until: float | None) -> None:
         def op(conn: sqlite3.Connection) -> None:
             if until is None:
-                conn.execute("DELETE FROM sessions WHERE key = ?", (session,))
+                conn.execute(
+                    "UPDATE sessions SET quarantined_until = NULL WHERE key = ?", (session,)
+                )
             else:
                 conn.execute(
                     "INSERT INTO sessions (key, quarantined_until) VALUES (?, ?) "
@@ -412,15 +422,28 @@ class Store:
 
         await self._submit(op)
 
-    async def quarantines(self) -> dict[str, float]:
-        """Sessions quarantined until a wall-clock time still to come."""
+    async def record_abnormal_exit(self, session: str, reason: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO sessions (key, restarts, last_exit) VALUES (?, 1, ?) "
+                "ON CONFLICT (key) DO UPDATE "
+                "SET restarts = restarts + 1, last_exit = excluded.last_exit",
+                (session, reason),
+            )
 
-        def op(conn: sqlite3.Connection) -> dict[str, float]:
+        await self._submit(op)
+
+    async def session_records(self) -> dict[str, SessionRecord]:
+        """Every session that ever had a worker end abnormally or was quarantined."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, SessionRecord]:
             rows = conn.execute(
-                "SELECT key, quarantined_until FROM sessions WHERE quarantined_until > ?",
-                (time.time(),),
+                "SELECT key, quarantined_until, restarts, last_exit FROM sessions"
             ).fetchall()
-            return {k: float(u) for k, u in rows}
+            return {
+                k: SessionRecord(quarantined_until=q, restarts=r, last_exit=e)
+                for k, q, r, e in rows
+            }
 
         return await self._submit(op)
 

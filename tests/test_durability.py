@@ -328,3 +328,18 @@ def test_property_every_reply_is_routed_by_its_origin_and_nothing_else(tmp_path_
 
 def _session_of(sent: list, reply_id: str) -> str:
     return sent[int(reply_id.split(":")[0][2:])][0]
+
+
+def test_a_sessions_abnormal_exits_are_remembered_across_restarts(tmp_path):
+    c = Corral(tmp_path, agent=CHAOS).start()
+    for _ in range(2):
+        assert c.send("flaky", "crash")["status"] == "error"
+    assert c.texts("flaky", "echo ok") == ["ok"]
+    row = c.ls()[0]
+    assert (row["restarts"], row["last_exit"]) == (2, "crashed")
+    assert c.stop() == 0
+    c.start()
+    assert c.texts("flaky", "echo again") == ["again"]
+    row = c.ls()[0]
+    assert (row["restarts"], row["last_exit"]) == (2, "crashed")
+    assert c.stop() == 0
