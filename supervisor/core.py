@@ -82,7 +82,8 @@ NEAR_BOUND = 0.8  # a turn whose own figures pass this share of a bound is measu
 DEMOTE_CPU = 0.5  # CPU seconds in one turn after which a worker's tree runs SCHED_IDLE
 LAG_INTERVAL = 0.1
 MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
-SPAWN_RETRY = 1.0
+RESTART_BACKOFF = 0.1  # seconds before the next worker after one abnormal exit; doubles
+RESTART_BACKOFF_MAX = 5.0
 PIDS_MAX = 1024  # processes per worker, when cgroups are delegated: stops a fork bomb
 CPU_PERIOD = 100_000  # microseconds
 
@@ -104,8 +105,10 @@ class UnknownSession(Exception):
 
 
 def _mib(n: float, up: bool = False) -> str:
-    mib = n / 1024 / 1024
-    return f"{math.ceil(mib) if up else round(mib)} MiB"
+    """Bytes in MiB (KiB below one MiB); rounded up for a figure compared with a limit."""
+    unit, size = ("MiB", 1024**2) if n >= 1024**2 else ("KiB", 1024)
+    value = n / size
+    return f"{math.ceil(value) if up else round(value)} {unit}"
 
 
 def _secs(s: float) -> str:
@@ -495,20 +498,28 @@ class Supervisor:
             self.dispatch(s)
 
     async def spawn(self, s: Session) -> None:
+        recent = len(self.exit_history.get(s.key, ()))
+        if recent:
+            # a session whose workers keep failing is restarted ever more slowly, so a
+            # crash loop below restart_intensity does not keep the machine busy
+            await asyncio.sleep(min(RESTART_BACKOFF_MAX, RESTART_BACKOFF * 2 ** (recent - 1)))
+            if self.draining or s.quarantined_until is not None:
+                s.spawning = False
+                self.dispatch(s)
+                return
         try:
-            # a session that broke a bound within restart_period starts at idle priority:
-            # its worker gives way to every well-behaved one until that is forgotten
-            penalized = bool(self.exit_history.get(s.key))
-            spawned = await self.spawner.spawn(s.key, idle=penalized)
+            # a session that broke a bound within restart_period also starts at idle
+            # priority: its worker gives way to every well-behaved one
+            spawned = await self.spawner.spawn(s.key, idle=bool(recent))
         except (SpawnError, TimeoutError) as e:
             s.spawning = False
             log.error("session %s: cannot start a worker: %s", s.key, e)
             await self.record_abnormal_exit(s)
-            asyncio.get_running_loop().call_later(SPAWN_RETRY, self.dispatch, s)
+            self.dispatch(s)  # tries again, after the backoff
             return
         s.spawning = False
         w = Worker(s.key, spawned, self.on_worker_exit)
-        w.demoted = penalized
+        w.demoted = bool(recent)
         s.worker = w
         self.workers[w.pid] = w
         self.background(self.serve_worker(s, w), f"worker {s.key}")
@@ -616,11 +627,23 @@ class Supervisor:
                     await self.end_turn(s, w, error)
 
     def count_output(self, w: Worker, n: int) -> bool:
-        """Charge `n` bytes to the turn's output; False (and stop) once over the bound."""
-        if w.turn is None or w.stop_reason:
+        """Charge `n` bytes to the turn's output (or, between turns, to what the worker
+        sent since its last turn: a background thread logging away counts too);
+        False, and the worker is stopped, once over output_per_turn."""
+        if w.stop_reason:
+            return True
+        limit = int(self.limits.output_per_turn)
+        if w.turn is None:
+            w.idle_output += n
+            if w.idle_output > limit:
+                self.stop(
+                    w,
+                    OUTPUT_LIMIT,
+                    f"output limit exceeded (more than {_mib(limit)} between turns)",
+                )
+                return False
             return True
         w.turn.output += n
-        limit = int(self.limits.output_per_turn)
         if w.turn.output > limit:
             self.stop(
                 w, OUTPUT_LIMIT, f"output limit exceeded (more than {_mib(limit)} in one turn)"
@@ -646,6 +669,7 @@ class Supervisor:
             self.dispatch(s)
             return
         now = loop.time()
+        w.idle_output = 0
         w.turn = ActiveTurn(
             message=message, attempt=attempt, started=now, last_progress=now, cpu_base=w.cpu
         )

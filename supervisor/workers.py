@@ -56,6 +56,7 @@ class Worker:
         self.sample: TreeSample | None = None
         self.sampled_at = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_output = 0  # bytes of frames since the last turn began
         self.demoted = False  # runs SCHED_IDLE since a CPU-heavy turn
         self.kill_timer: asyncio.TimerHandle | None = None
         self.read_scope: asyncio.Timeout | None = None

@@ -31,3 +31,18 @@ def history(turn, ctx):  # type: ignore[no-untyped-def]
     seen = [e.text for e in ctx.history() if e.role == "user"]
     ctx.log.info("history has %d user lines", len(seen))
     ctx.reply("|".join([*seen, turn.text]))
+
+
+def chatty_thread(turn, ctx):  # type: ignore[no-untyped-def]
+    """Replies, and leaves a thread behind that, once the turn is over, logs 1 KiB
+    lines forever."""
+    import threading
+    import time
+
+    def chatter() -> None:
+        time.sleep(0.5)
+        while True:  # ends with the worker
+            ctx.log.info("x" * 1024)
+
+    threading.Thread(target=chatter, daemon=True).start()
+    ctx.reply("started")

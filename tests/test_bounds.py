@@ -242,3 +242,17 @@ def test_workers_run_below_the_supervisor_and_a_faulty_session_runs_idle(corral)
     assert os.sched_getscheduler(rowdy) == os.SCHED_IDLE
     assert json.loads(c.cli("show", "rowdy", "--json").stdout)["demoted"] is True
     assert os.sched_getscheduler(calm) == os.SCHED_OTHER
+
+
+def test_a_worker_that_floods_between_turns_is_stopped(corral):
+    c = corral({"limits": {"output_per_turn": "64KiB"}}, agent="tests.agents:chatty_thread")
+    assert c.texts("chatty", "go") == ["started"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        exits = c.metrics().get('corral_worker_exits_total{reason="output_limit"}', 0)
+        if exits:
+            break
+        time.sleep(0.2)
+    assert exits == 1
+    assert c.ls() == []  # no ghost: stopped, reaped, nothing queued
+    assert "output limit exceeded (more than 64 KiB between turns) [output_limit]" in c.log()
