@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,9 @@ def test_cli_send_json_prints_the_body(corral):
     c = corral()
     result = c.cli("send", "alice", "hi", "--wait", "10", "--json")
     assert result.returncode == 0, result.stderr
-    assert (
-        '"status": "done"' in result.stdout.replace('":"', '": "')
-        or '"status":"done"' in result.stdout
-    )
+    body = json.loads(result.stdout)
+    assert body["status"] == "done" and body["session"] == "alice"
+    assert body["replies"] == [{"text": "hi", "kind": "reply"}]
 
 
 def test_thirty_sessions_get_their_own_replies_in_order_from_thirty_workers(corral):
