@@ -20,7 +20,7 @@ from aiohttp import web
 
 from corral.protocol.control import DrainResult, ErrorBody, SessionList
 from corral.protocol.types import InvalidSessionKey, check_session_key
-from corral.supervisor.core import Supervisor, UnknownSession
+from corral.supervisor.core import Session, Supervisor, UnknownSession
 
 log = logging.getLogger("corral.control")
 _json = msgspec.json.Encoder()
@@ -139,7 +139,9 @@ class ControlServer:
             return _error(400, str(e))
         if not released:
             return _error(404, f"session {request.match_info['session']!r} is not quarantined")
-        return _respond(self.sup.session_info(self.sup.session(request.match_info["session"])))
+        key = request.match_info["session"]
+        # a released session with nothing to do is no longer listed: do not re-create it
+        return _respond(self.sup.session_info(self.sup.sessions.get(key) or Session(key)))
 
     async def drain(self, request: web.Request) -> web.Response:
         raw = request.query.get("timeout")

@@ -54,7 +54,7 @@ from corral.protocol.types import (
 from corral.supervisor import cgroups, proctree
 from corral.supervisor.delivery import Outbox
 from corral.supervisor.metrics import Metrics, SessionRow
-from corral.supervisor.spawner import Spawner, SpawnError
+from corral.supervisor.spawner import Spawner
 from corral.supervisor.store import DONE, FAILED, Accepted, Message, SessionRecord, Store
 from corral.supervisor.workers import (
     BUSY,
@@ -78,6 +78,7 @@ HELLO_TIMEOUT = 30.0
 SAMPLE_INTERVAL = 0.1  # seconds between watchdog ticks
 SAMPLE_BUDGET = 64  # worker trees sampled per tick, at most: a tick's cost is bounded
 STRAY_SWEEP_TICKS = 10  # ticks between sweeps for what a dead zygote left
+FRAME_COST = 16  # bytes charged per log or progress frame, so empty ones are not free
 NEAR_BOUND = 0.8  # a turn whose own figures pass this share of a bound is measured at its end
 DEMOTE_CPU = 0.5  # CPU seconds in one turn after which a worker's tree runs SCHED_IDLE
 LAG_INTERVAL = 0.1
@@ -157,8 +158,7 @@ class Signals:
             self._watchers[key] -= 1
             if not self._watchers[key]:
                 del self._watchers[key]
-                if self._futures.get(key) is fut:
-                    del self._futures[key]
+                self._futures.pop(key, None)  # whichever future is current: nobody waits
 
     def notify(self, key: str) -> None:
         fut = self._futures.pop(key, None)
@@ -461,6 +461,8 @@ class Supervisor:
             message = s.queue.popleft()
             w.state = BUSY
             self.background(self.start_turn(s, w, message), f"turn {message.id}")
+        elif self.waiting:  # another session waits for a slot: this idle one yields it
+            self.stop(w, EVICTED, "evicted to make room", polite=True)
         elif w.idle_timer is None:
             w.idle_timer = asyncio.get_running_loop().call_later(
                 float(self.config.supervisor.idle_timeout),
@@ -511,10 +513,11 @@ class Supervisor:
             # a session that broke a bound within restart_period also starts at idle
             # priority: its worker gives way to every well-behaved one
             spawned = await self.spawner.spawn(s.key, idle=bool(recent))
-        except (SpawnError, TimeoutError) as e:
+        except Exception as e:  # SpawnError, a timeout, or fds running out
             s.spawning = False
             log.error("session %s: cannot start a worker: %s", s.key, e)
             await self.record_abnormal_exit(s)
+            self.admit_waiting()
             self.dispatch(s)  # tries again, after the backoff
             return
         s.spawning = False
@@ -558,6 +561,11 @@ class Supervisor:
                 self.stop(w, PROTOCOL_ERROR, f"the worker sent no hello within {HELLO_TIMEOUT:g}s")
         except OSError as e:
             log.debug("session %s: worker socket: %s", s.key, e)
+        except Exception:
+            # a bug or a store failure while serving this worker: end this worker only,
+            # and still reap it below
+            log.exception("session %s: serving worker %d failed", s.key, w.pid)
+            self.stop(w, CRASHED, "an internal error in the supervisor")
         w.read_scope = None  # its block has ended: on_worker_exit must not touch it
         if not w.dead.is_set():
             try:
@@ -590,7 +598,7 @@ class Supervisor:
                 frame.message,
                 extra={"session": s.key},
             )
-            self.count_output(w, len(frame.message))
+            self.count_output(w, FRAME_COST + len(frame.logger) + len(frame.message))
             return
         if isinstance(frame, frames.Hello):
             raise frames.FrameError("a second hello frame")
@@ -608,7 +616,7 @@ class Supervisor:
                 # not awaited: the next frame need not wait for this commit
                 self.queue_reply(t.message, index, text, REPLY)
             case frames.Progress(note=note):
-                if self.count_output(w, len(note)):
+                if self.count_output(w, FRAME_COST + len(note)):
                     t.last_progress = loop.time()
             case frames.Done(error=error, peak_rss=peak_rss, turn_cpu=turn_cpu):
                 # A turn can cross the memory or CPU bound between two watchdog ticks and
@@ -624,7 +632,9 @@ class Supervisor:
                         w.sampled_at = loop.time()
                         self.check_resources(w)
                 if w.stop_reason is None:
-                    await self.end_turn(s, w, error)
+                    # shielded: the read deadline after a worker's death must not cut
+                    # an ending turn in half (it would be answered twice)
+                    await asyncio.shield(self.end_turn(s, w, error))
 
     def count_output(self, w: Worker, n: int) -> bool:
         """Charge `n` bytes to the turn's output (or, between turns, to what the worker
@@ -653,9 +663,21 @@ class Supervisor:
 
     async def start_turn(self, s: Session, w: Worker, message: Message) -> None:
         loop = asyncio.get_running_loop()
-        attempt = await self.store.start_attempt(message.id)
-        if w.stop_reason is not None:  # stopped while we waited for the store
+        try:
+            attempt = await self.store.start_attempt(message.id)
+        except Exception:
+            log.exception("session %s: cannot record the start of %s", s.key, message.id)
             s.queue.appendleft(message)
+            if w.state == BUSY:
+                w.state = IDLE
+            return
+        if w.stop_reason is not None or w.dead.is_set():
+            # stopped, or dead, while we waited for the store: the message goes back to
+            # the head of its session's queue (a new Session if the reap removed it)
+            await self.store.start_attempt_undone(message.id)
+            current = self.session(s.key)
+            current.queue.appendleft(message)
+            self.dispatch(current)
             return
         if attempt > MAX_STARTS:
             await self.send_reply(
@@ -665,7 +687,8 @@ class Supervisor:
                 ERROR,
             )
             await self.finish(message, FAILED)
-            w.state = IDLE
+            if w.state == BUSY:
+                w.state = IDLE
             self.dispatch(s)
             return
         now = loop.time()
@@ -705,6 +728,7 @@ class Supervisor:
     async def end_turn(self, s: Session, w: Worker, error: str | None) -> None:
         t = w.turn
         assert t is not None
+        w.turn = None  # from here on this turn is answered here, never by a reap
         if t.timer:
             t.timer.cancel()
         if error is not None:
@@ -712,7 +736,6 @@ class Supervisor:
             t.failed = True
         await self.finish(t.message, FAILED if t.failed else DONE)
         self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
-        w.turn = None
         if w.state == BUSY:
             w.state = IDLE
         s.last_used = time.monotonic()
@@ -773,13 +796,14 @@ class Supervisor:
         w.cancel_timers()
         if reason not in (IDLE_EXIT, EVICTED, DRAIN):
             log.warning("session %s: stopping worker %d: %s [%s]", w.session, w.pid, detail, reason)
+        # armed first: whatever happens while signalling, SIGKILL comes at kill_grace
+        w.kill_timer = asyncio.get_running_loop().call_later(
+            float(self.config.supervisor.kill_grace), self.kill, w
+        )
         if polite:
             w.send(frames.Shutdown(reason=reason))
         else:
             self.signal_tree(w, signal.SIGTERM)
-        w.kill_timer = asyncio.get_running_loop().call_later(
-            float(self.config.supervisor.kill_grace), self.kill, w
-        )
 
     def kill(self, w: Worker) -> None:
         if not w.dead.is_set():
@@ -821,23 +845,28 @@ class Supervisor:
         s.last_exit = reason
         t = w.turn
         w.turn = None
-        if t is not None:
-            if reason == DRAIN:
-                await self.store.start_attempt_undone(t.message.id)
-                s.queue.appendleft(t.message)
-            else:
-                await self.send_reply(
-                    t.message, t.next_index, f"turn stopped: {detail} [{reason}]", ERROR
+        try:
+            if t is not None:
+                if reason == DRAIN:
+                    s.queue.appendleft(t.message)
+                    await self.store.start_attempt_undone(t.message.id)
+                else:
+                    await self.send_reply(
+                        t.message, t.next_index, f"turn stopped: {detail} [{reason}]", ERROR
+                    )
+                    await self.finish(t.message, FAILED)
+                    self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
+            if reason in ABNORMAL_REASONS:
+                s.restarts += 1
+                self.history[s.key] = SessionRecord(
+                    quarantined_until=s.quarantined_until, restarts=s.restarts, last_exit=reason
                 )
-                await self.finish(t.message, FAILED)
-                self.metrics.turn_seconds.observe(asyncio.get_running_loop().time() - t.started)
-        if reason in ABNORMAL_REASONS:
-            s.restarts += 1
-            self.history[s.key] = SessionRecord(
-                quarantined_until=s.quarantined_until, restarts=s.restarts, last_exit=reason
-            )
-            await self.store.record_abnormal_exit(s.key, reason)
-            await self.record_abnormal_exit(s)
+                await self.store.record_abnormal_exit(s.key, reason)
+                await self.record_abnormal_exit(s)
+        except Exception:
+            # the store failed: the message stays pending for the next start; the
+            # bookkeeping below must happen regardless, or the session is wedged
+            log.exception("session %s: recording the end of worker %d failed", s.key, w.pid)
         if s.worker is w:
             s.worker = None
         w.reaped.set()
@@ -940,7 +969,8 @@ class Supervisor:
         while True:  # ends when cancelled at close
             await asyncio.sleep(SAMPLE_INTERVAL)
             ticks += 1
-            if ticks % STRAY_SWEEP_TICKS == 0:
+            # not while a zygote starts: its PID is known only once the start returns
+            if ticks % STRAY_SWEEP_TICKS == 0 and not self.spawner.starting:
                 keep = set(self.spawner.zygote_pids)
                 killed = await self.in_sampler(partial(proctree.kill_strays, keep))
                 if killed:

@@ -50,6 +50,10 @@ class Spawner:
         self.zygote_pids: set[int] = set()  # every zygote started: the supervisor's own children
 
     @property
+    def starting(self) -> bool:
+        return self._starting.locked()
+
+    @property
     def zygote_pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
@@ -183,8 +187,7 @@ class Spawner:
         except TimeoutError:
             return None
         finally:
-            if fut.done():
-                self._exits.pop(pid, None)
+            self._exits.pop(pid, None)
 
     async def stop(self) -> None:
         """Close the zygote's socket: it kills every worker and descendant, then exits."""

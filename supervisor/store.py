@@ -11,6 +11,7 @@ store on another database can take its place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -171,35 +172,45 @@ class Store:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            conn.execute("BEGIN IMMEDIATE")
-            for item in batch:
-                if item is _STOP:
-                    stopping = True
-                    continue
-                fn, fut = item
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((fut, fn(conn), None))
-                    conn.execute("RELEASE op")
-                except Exception as e:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((fut, None, e))
+            stopping = _STOP in batch
+            ops = [item for item in batch if item is not _STOP]
             try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                log.error("store commit failed: %s", e)
-                conn.execute("ROLLBACK")
-                results = [(fut, None, e) for fut, _, _ in results]
+                results = self._commit_group(conn, ops)
+            except Exception as e:
+                # A failed group (disk full, I/O error) fails its operations, not the
+                # store: the thread goes on, and callers see the error.
+                log.error("store: a group of %d operations failed: %s", len(ops), e)
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                results = [(fut, None, e) for _, fut in ops]
             # one wake-up of the loop for the whole group, not one per operation
             self._loop.call_soon_threadsafe(_settle_all, results)
         conn.close()
         if self._closed is not None:
             self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
 
+    @staticmethod
+    def _commit_group(
+        conn: sqlite3.Connection, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Run `ops` in one transaction, each in a savepoint of its own; one commit."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for fn, fut in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                results.append((fut, fn(conn), None))
+                conn.execute("RELEASE op")
+            except Exception as e:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((fut, None, e))
+        conn.execute("COMMIT")
+        return results
+
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._thread is None or self._loop is None:
+        if self._thread is None or self._loop is None or not self._thread.is_alive():
             raise StoreClosed("the store is closed")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((fn, fut))
@@ -299,15 +310,15 @@ class Store:
             origin=message.origin,
         )
 
-        def op(conn: sqlite3.Connection) -> Reply | None:
+        def insert(conn: sqlite3.Connection, r: Reply) -> bool:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO replies (id, message_id, session, idx, text, kind, channel, "
                 "origin, created_at, delivery) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    reply.id,
+                    r.id,
                     message.id,
                     message.session,
-                    index,
+                    r.index,
                     text,
                     kind,
                     message.origin.channel,
@@ -316,7 +327,27 @@ class Store:
                     PENDING if push else FETCHED,
                 ),
             )
-            return reply if cur.rowcount else None
+            return cur.rowcount > 0
+
+        def op(conn: sqlite3.Connection) -> Reply | None:
+            if insert(conn, reply):
+                return reply
+            if kind != ERROR:
+                return None  # shown by an earlier run of the same turn
+            # An error that ends a turn run again may land on an index an earlier run's
+            # reply holds: unless it is the same error again, it goes after them all.
+            row = conn.execute(
+                "SELECT kind, text FROM replies WHERE id = ?", (reply.id,)
+            ).fetchone()
+            if row == (ERROR, text):
+                return None
+            (last,) = conn.execute(
+                "SELECT max(idx) FROM replies WHERE message_id = ?", (message.id,)
+            ).fetchone()
+            moved = msgspec.structs.replace(
+                reply, index=last + 1, id=reply_id(message.id, last + 1)
+            )
+            return moved if insert(conn, moved) else None
 
         return self._submit(op)
 
@@ -365,8 +396,11 @@ class Store:
     async def next_due(self, channel: str) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
-                "SELECT min(next_attempt_at) FROM replies "
-                "WHERE channel = ? AND delivery = 'pending'",
+                "SELECT min(next_attempt_at) FROM replies r "
+                "WHERE channel = ? AND delivery = 'pending' "
+                "AND NOT EXISTS (SELECT 1 FROM replies e "
+                "WHERE e.session = r.session AND e.channel = r.channel "
+                "AND e.delivery = 'pending' AND e.cursor < r.cursor)",
                 (channel,),
             ).fetchone()
             return None if row[0] is None else float(row[0])

@@ -87,7 +87,13 @@ class Worker:
             return False
 
     def dup_pidfd(self) -> int | None:
-        return os.dup(self.pidfd) if self.pidfd is not None else None
+        """A pidfd for a helper thread to own; None if gone or out of descriptors."""
+        if self.pidfd is None:
+            return None
+        try:
+            return os.dup(self.pidfd)
+        except OSError:
+            return None
 
     def cancel_timers(self) -> None:
         for handle in (self.idle_timer, self.turn.timer if self.turn else None):

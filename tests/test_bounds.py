@@ -97,6 +97,7 @@ def test_spinning_worker_hits_the_cpu_bound(corral):
     _, text, _ = fault(c, "spinner", "spin", 2)
     assert reason(text) == "cpu_limit"
     assert "CPU time limit exceeded" in text
+    assert "in this turn" in text  # the sampler's bound, not the kernel's RLIMIT_CPU backstop
 
 
 def test_work_within_its_bounds_is_left_alone(corral):
