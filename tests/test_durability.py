@@ -114,7 +114,8 @@ def test_sigkill_mid_run_and_restart_every_message_gets_exactly_one_reply(tmp_pa
 
 def test_a_message_interrupted_twice_by_crashes_is_answered_with_an_error(tmp_path):
     c = Corral(tmp_path, agent=CHAOS).start()
-    c.request("POST", "/v1/messages", {"session": "doomed", "text": "sleep 600", "id": "doomed-1"})
+    text = "echo part; sleep 600"  # a reply before the hang: the error must not collide with it
+    c.request("POST", "/v1/messages", {"session": "doomed", "text": text, "id": "doomed-1"})
     for _ in range(2):
         db = sqlite3.connect(c.state / "corral.db")
         deadline = time.monotonic() + 30
@@ -129,11 +130,14 @@ def test_a_message_interrupted_twice_by_crashes_is_answered_with_an_error(tmp_pa
         c.kill9()
         c.start()
     status, body = c.request(
-        "POST", "/v1/messages?wait=20", {"session": "doomed", "text": "sleep 600", "id": "doomed-1"}
+        "POST", "/v1/messages?wait=20", {"session": "doomed", "text": text, "id": "doomed-1"}
     )
     assert status == 200
     assert body["status"] == "error"
-    assert body["replies"][0]["text"] == "turn not run again: it was interrupted 2 times [crashed]"
+    assert [r["text"] for r in body["replies"]] == [
+        "part",
+        "turn not run again: it was interrupted 2 times [crashed]",
+    ]
     assert c.texts("doomed", "echo alive") == ["alive"]
     assert c.stop() == 0
     assert not c.leftovers()
@@ -343,3 +347,19 @@ def test_a_sessions_abnormal_exits_are_remembered_across_restarts(tmp_path):
     row = c.ls()[0]
     assert (row["restarts"], row["last_exit"]) == (2, "crashed")
     assert c.stop() == 0
+
+
+def test_a_pending_retry_holds_back_the_sessions_later_replies_without_spinning(corral):
+    with Receiver([503, 200]) as rx:
+        c = corral(webhook_config(rx, retry_initial="2s", retry_max="2s"), agent=CHAOS)
+        body = {"session": "o", "text": "echo a; echo b", "id": "ab"}
+        c.request("POST", "/v1/channels/hooks/messages", body)
+        rx.wait_requests(1)
+        supervisor = psutil.Process(c.proc.pid)
+        supervisor.cpu_percent()
+        time.sleep(1.0)  # the retry of "a" is due in 1-2 s; "b" must wait for it
+        busy = supervisor.cpu_percent()
+        assert busy < 50, f"the supervisor used {busy:.0f}% of a core while waiting to retry"
+        rx.wait_requests(3, timeout=15)
+        assert [r["body"]["text"] for r in rx.requests] == ["a", "a", "b"]
+        assert [r["body"]["id"] for r in rx.requests if r["status"] == 200] == ["ab:0", "ab:1"]
