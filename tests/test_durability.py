@@ -363,3 +363,11 @@ def test_a_pending_retry_holds_back_the_sessions_later_replies_without_spinning(
         rx.wait_requests(3, timeout=15)
         assert [r["body"]["text"] for r in rx.requests] == ["a", "a", "b"]
         assert [r["body"]["id"] for r in rx.requests if r["status"] == 200] == ["ab:0", "ab:1"]
+
+
+def test_webhook_origin_fields_are_bounded(corral):
+    with Receiver([200]) as rx:
+        c = corral(webhook_config(rx))
+        body = {"session": "a", "text": "x", "chat": "c" * 2000}
+        status, answer = c.request("POST", "/v1/channels/hooks/messages", body)
+        assert status == 400 and "chat must be at most 1024" in answer["error"]

@@ -100,6 +100,7 @@ def _number(
 
 
 ID_MAX = 200
+ORIGIN_FIELD_MAX = 1024  # origin fields ride along in every frame and reply
 
 
 class HttpChannel:
@@ -184,6 +185,9 @@ class HttpChannel:
             return error(404, f"no webhook channel named {name!r} is configured")
         msg = await self._decode(request, WebhookMessage)
         assert isinstance(msg, WebhookMessage)
+        for field in ("chat", "thread", "user", "account"):
+            if len(getattr(msg, field)) > ORIGIN_FIELD_MAX:
+                raise BadRequest(f"{field} must be at most {ORIGIN_FIELD_MAX} characters")
         origin = Origin(
             channel=name, account=msg.account, chat=msg.chat, thread=msg.thread, user=msg.user
         )
