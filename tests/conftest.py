@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Corral
+from tests.harness import STARTED, Corral
 
 
 @pytest.fixture
@@ -29,3 +29,15 @@ def corral(tmp_path: Path) -> Iterator[Callable[..., Corral]]:
             assert code == 0, f"corral serve exited {code}:\n{c.log()[-4000:]}"
         left = c.leftovers()
         assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def stop_what_the_test_started() -> Iterator[None]:
+    """A test that fails half-way leaves no supervisor running (its own checks already
+    stop and inspect what it started when it passes)."""
+    yield
+    while STARTED:
+        c = STARTED.pop()
+        if c.proc is not None and c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait(10)

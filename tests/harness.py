@@ -39,6 +39,9 @@ def processes_with_mark(mark: str) -> list[psutil.Process]:
     return found
 
 
+STARTED: list[Corral] = []  # every instance, so a failed test still stops what it started
+
+
 class Corral:
     """A running `corral serve` with its own state dir and ports."""
 
@@ -67,6 +70,7 @@ class Corral:
         self.config_path.write_text(to_toml(tables))
         self.log_path = tmp / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        STARTED.append(self)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
