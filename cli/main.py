@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from typing import Any
 
@@ -50,10 +53,32 @@ def serve(config_path: str | None, log_level: str) -> None:
     config = _load(config_path)
     # a watchdog kill (SIGABRT) then leaves every thread's stack in the journal
     faulthandler.enable()
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    sys.exit(asyncio.run(run(config)))
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Records are written by a thread of their own: a slow terminal or journald must
+    # not hold the event loop. Past LOG_QUEUE records waiting, new ones are dropped.
+    records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE)
+    listener = logging.handlers.QueueListener(records, stderr)
+    handler = DroppingQueueHandler(records)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the listener's adds the rest
+    logging.basicConfig(level=log_level, handlers=[handler])
+    listener.start()
+    try:
+        code = asyncio.run(run(config))
+    finally:
+        listener.stop()
+    sys.exit(code)
+
+
+LOG_QUEUE = 10_000
+
+
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """A QueueHandler that drops a record when the queue is full instead of blocking."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(record)
 
 
 def _http_base(config: Config) -> str:
@@ -307,7 +332,9 @@ def show(session: str, config_path: str | None, timeout: float, as_json: bool) -
         "queue": body["queue"],
         "restarts": body["restarts"],
         "last exit": body["last_exit"] or "-",
-        "scheduling": "idle (since a CPU-heavy turn or a broken bound)" if body["demoted"] else "normal",
+        "scheduling": "idle (since a CPU-heavy turn or a broken bound)"
+        if body["demoted"]
+        else "normal",
         "quarantined until": _fmt_until(body["quarantined_until"]),
     }
     for key, value in shown.items():
