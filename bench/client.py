@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 INF = math.inf
 
@@ -92,12 +93,12 @@ def ms(seconds: float | None) -> float | None:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text as {"name{labels}": value}."""
+    """Prometheus text as {"name{labels}": value}, read with prometheus-client's parser."""
     samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return samples
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 MARK = "CORRAL_TEST_MARK"
@@ -182,13 +183,7 @@ class Corral:
         with urllib.request.urlopen(
             f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30
         ) as r:
-            text = r.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+            return parse_metrics(r.read().decode())
 
     def ls(self) -> list[dict[str, Any]]:
         result = self.cli("ls", "--json")
@@ -203,6 +198,16 @@ class Corral:
             text=True,
             timeout=timeout,
         )
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {"name{labels}": value}, read with prometheus-client's parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
 
 
 def to_toml(tables: dict[str, dict[str, Any]]) -> str:
