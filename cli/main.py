@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from corral.protocol.config import Config, ConfigError, load_config, split_listen
+from corral.supervisor.config import Config, ConfigError, load_config, split_listen
 
 DEFAULT_TIMEOUT = 5.0
 

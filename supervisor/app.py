@@ -11,9 +11,9 @@ import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from corral.protocol.config import Config, split_listen
 from corral.protocol.procfs import set_title
 from corral.supervisor.channels.http import HttpChannel
+from corral.supervisor.config import Config, split_listen
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.core import Supervisor
 from corral.supervisor.metrics import MetricsServer

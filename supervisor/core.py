@@ -27,7 +27,6 @@ from typing import Any
 import msgspec
 
 from corral.protocol import frames, procfs, spawn
-from corral.protocol.config import Config
 from corral.protocol.control import KillResult, SessionInfo, Status
 from corral.protocol.types import (
     ABNORMAL_REASONS,
@@ -52,6 +51,7 @@ from corral.protocol.types import (
     IDLE as IDLE_EXIT,
 )
 from corral.supervisor import cgroups, proctree
+from corral.supervisor.config import Config
 from corral.supervisor.delivery import Outbox
 from corral.supervisor.metrics import Metrics, SessionRow
 from corral.supervisor.spawner import Spawner

@@ -20,8 +20,8 @@ import time
 import aiohttp
 import msgspec
 
-from corral.protocol.config import DeliveryConfig, WebhookConfig
 from corral.protocol.types import Origin, Reply
+from corral.supervisor.config import DeliveryConfig, WebhookConfig
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.store import DEAD, DELIVERED, PENDING, Store, StoredReply
 

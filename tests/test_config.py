@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corral.protocol.config import Config, ConfigError, load_config, parse_config
+from corral.supervisor.config import Config, ConfigError, load_config, parse_config
 
 
 def test_no_file_means_embedded_defaults(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import pytest
 
-from corral.protocol.config import parse_config
+from corral.supervisor.config import parse_config
 from corral.supervisor.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent

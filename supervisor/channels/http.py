@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from corral.protocol.config import Config, split_listen
 from corral.protocol.types import ERROR, InvalidSessionKey, Origin, Reply, check_session_key
+from corral.supervisor.config import Config, split_listen
 from corral.supervisor.core import Draining, IdConflict, QueueFull, Supervisor, reply_key
 
 log = logging.getLogger("corral.http")

@@ -62,8 +62,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from corral.protocol.config import Duration, parse_duration
 from corral.protocol.types import HistoryEntry, Turn
+from corral.protocol.units import Duration, parse_duration
 from corral.worker.runtime import Context, TurnError
 
 try:
