@@ -3,41 +3,56 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Final
 
 import msgspec
 
 SESSION_KEY_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
 
-# Exit reasons: the metric label, the `corral ls` column and the token in error replies.
-IDLE: Final = "idle"
-TURN_TIMEOUT: Final = "turn_timeout"
-NO_PROGRESS: Final = "no_progress"
-RSS_LIMIT: Final = "rss_limit"
-CPU_LIMIT: Final = "cpu_limit"
-OUTPUT_LIMIT: Final = "output_limit"
-PROTOCOL_ERROR: Final = "protocol_error"
-CRASHED: Final = "crashed"
-KILLED: Final = "killed"
-DRAIN: Final = "drain"
-EVICTED: Final = "evicted"
-EXIT_REASONS: Final = (
-    IDLE,
-    TURN_TIMEOUT,
-    NO_PROGRESS,
-    RSS_LIMIT,
-    CPU_LIMIT,
-    OUTPUT_LIMIT,
-    PROTOCOL_ERROR,
-    CRASHED,
-    KILLED,
-    DRAIN,
-    EVICTED,
-)
+
+class ExitReason(StrEnum):
+    """Why a worker ended: the metric label, the `corral ls` column, the token in error replies."""
+
+    IDLE = "idle"
+    TURN_TIMEOUT = "turn_timeout"
+    NO_PROGRESS = "no_progress"
+    RSS_LIMIT = "rss_limit"
+    CPU_LIMIT = "cpu_limit"
+    OUTPUT_LIMIT = "output_limit"
+    PROTOCOL_ERROR = "protocol_error"
+    CRASHED = "crashed"
+    KILLED = "killed"
+    DRAIN = "drain"
+    EVICTED = "evicted"
+
+
+EXIT_REASONS: Final = tuple(ExitReason)
 # Exits that count towards restart_intensity: the worker's fault, not ours or the operator's.
 ABNORMAL_REASONS: Final = frozenset(
-    {TURN_TIMEOUT, NO_PROGRESS, RSS_LIMIT, CPU_LIMIT, OUTPUT_LIMIT, PROTOCOL_ERROR, CRASHED}
+    {
+        ExitReason.TURN_TIMEOUT,
+        ExitReason.NO_PROGRESS,
+        ExitReason.RSS_LIMIT,
+        ExitReason.CPU_LIMIT,
+        ExitReason.OUTPUT_LIMIT,
+        ExitReason.PROTOCOL_ERROR,
+        ExitReason.CRASHED,
+    }
 )
+
+
+class SessionState(StrEnum):
+    """A listed session's state (`corral ls`, `corral_session_state`)."""
+
+    STARTING = "starting"  # worker being spawned
+    IDLE = "idle"  # worker alive, no turn
+    BUSY = "busy"  # a turn is running
+    STOPPING = "stopping"  # SIGTERM or a Shutdown frame sent
+    QUARANTINED = "quarantined"
+
+
+HTTP_CHANNEL: Final = "http"  # the built-in channel: its replies are fetched, not pushed
 
 
 class InvalidSessionKey(ValueError):

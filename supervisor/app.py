@@ -12,13 +12,15 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from corral.protocol.procfs import set_title
+from corral.supervisor import views
 from corral.supervisor.channels.http import HttpChannel
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.control import ControlServer, ControlSocketBusy
-from corral.supervisor.core import Supervisor
 from corral.supervisor.metrics import MetricsServer
 from corral.supervisor.sdnotify import Notifier
 from corral.supervisor.spawner import SpawnError
+from corral.supervisor.store import Store
+from corral.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("corral")
 
@@ -45,16 +47,6 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def systemd_status(sup: Supervisor) -> str:
-    st = sup.status()
-    live = sum(n for state, n in st.workers.items() if state != "quarantined")
-    return (
-        f"STATUS={st.sessions} sessions, {live} workers ({st.workers['busy']} busy), "
-        f"{st.workers['quarantined']} quarantined, inbox {st.inbox}, "
-        f"loop lag {st.loop_lag * 1000:.0f}ms"
-    )
-
-
 def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
     """Called by the supervisor's loop every tick: a stuck loop stops the watchdog pings."""
     loop = asyncio.get_running_loop()
@@ -67,10 +59,18 @@ def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
             notifier.notify("WATCHDOG=1")
             last["watchdog"] = now
         if now - last["status"] >= STATUS_EVERY:
-            notifier.notify(systemd_status(sup))
+            notifier.notify(views.systemd_status(sup))
             last["status"] = now
 
-    sup.on_tick.append(tick)
+    sup.lag.on_tick.append(tick)
+
+
+def open_store(config: Config) -> Store:
+    # for the durability benchmark only: the same run without fsync at commit
+    no_fsync = os.environ.get("CORRAL_BENCH_NO_FSYNC") == "1"
+    if no_fsync:
+        log.warning("CORRAL_BENCH_NO_FSYNC=1: commits are not synced; accepted is not durable")
+    return Store(config.state_path / "corral.db", durable=not no_fsync)
 
 
 async def serve(config: Config) -> int:
@@ -86,11 +86,13 @@ async def serve(config: Config) -> int:
     except (StateDirBusy, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
-    sup = Supervisor(config)
-    http = HttpChannel(sup, config)
+    sup = Supervisor(config, store=open_store(config))
+    http = HttpChannel(sup, sup.inbox, config)
     control = ControlServer(sup, config.control_socket_path, config.supervisor.control_socket_mode)
     metrics = MetricsServer(
-        sup.metrics, sup.session_rows, *split_listen(config.metrics.listen, "metrics.listen")
+        sup.metrics,
+        lambda: views.session_rows(sup),
+        *split_listen(config.metrics.listen, "metrics.listen"),
     )
     async with AsyncExitStack() as stack:
         stack.callback(os.close, lock_fd)
@@ -110,7 +112,7 @@ async def serve(config: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sup.request_stop)
         feed_systemd(sup, notifier)
-        notifier.notify("READY=1", systemd_status(sup))
+        notifier.notify("READY=1", views.systemd_status(sup))
         log.info(
             "corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path
         )
@@ -118,5 +120,8 @@ async def serve(config: Config) -> int:
         notifier.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping: draining for up to %gs", sup.drain_timeout)
         await sup.drain()
+    if sup.fatal is not None:
+        log.critical("stopped: %s", sup.fatal)
+        return 1
     log.info("stopped")
     return 0

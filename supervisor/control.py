@@ -18,9 +18,10 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from corral.protocol.control import DrainResult, ErrorBody, SessionList
+from corral.protocol.control import DrainResult, ErrorBody
 from corral.protocol.types import InvalidSessionKey, check_session_key
-from corral.supervisor.core import Session, Supervisor, UnknownSession
+from corral.supervisor import views
+from corral.supervisor.supervisor import Supervisor, UnknownSession
 
 log = logging.getLogger("corral.control")
 _json = msgspec.json.Encoder()
@@ -104,23 +105,22 @@ class ControlServer:
         return check_session_key(request.match_info["session"])
 
     async def status(self, request: web.Request) -> web.Response:
-        return _respond(self.sup.status())
+        return _respond(views.status(self.sup))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        rows = sorted(self.sup.sessions.values(), key=lambda s: s.key)
-        return _respond(SessionList([self.sup.session_info(s) for s in rows]))
+        return _respond(views.session_list(self.sup))
 
     async def show(self, request: web.Request) -> web.Response:
         try:
-            s = self.sup.sessions.get(self._session_key(request))
+            key = self._session_key(request)
         except InvalidSessionKey as e:
             return _error(400, str(e))
-        if s is None:
+        if self.sup.sessions.get(key) is None:
             return _error(
                 404,
                 f"no session {request.match_info['session']!r}: no worker, nothing queued",
             )
-        return _respond(self.sup.session_info(s))
+        return _respond(views.session_info(self.sup, key))
 
     async def kill(self, request: web.Request) -> web.Response:
         force = request.query.get("force", "") in ("1", "true", "yes")
@@ -139,9 +139,7 @@ class ControlServer:
             return _error(400, str(e))
         if not released:
             return _error(404, f"session {request.match_info['session']!r} is not quarantined")
-        key = request.match_info["session"]
-        # a released session with nothing to do is no longer listed: do not re-create it
-        return _respond(self.sup.session_info(self.sup.sessions.get(key) or Session(key)))
+        return _respond(views.session_info(self.sup, request.match_info["session"]))
 
     async def drain(self, request: web.Request) -> web.Response:
         raw = request.query.get("timeout")

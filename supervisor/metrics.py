@@ -21,8 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.protocol.types import EXIT_REASONS
-from corral.supervisor.workers import STATES
+from corral.protocol.types import EXIT_REASONS, SessionState
 
 # `_created` series double the output for no use to an operator
 disable_created_metrics()
@@ -61,7 +60,7 @@ class SessionCollector(Collector):
             "corral_session_state", "1 for the session's current state", labels=["session", "state"]
         )
         workers = GaugeMetricFamily("corral_workers", "Sessions by state", labels=["state"])
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = {str(state): 0 for state in SessionState}
         for row in self.rows:
             if row.has_worker:
                 rss.add_metric([row.session], row.rss)

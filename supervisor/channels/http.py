@@ -13,13 +13,20 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from corral.protocol.types import ERROR, InvalidSessionKey, Origin, Reply, check_session_key
+from corral.protocol.types import (
+    ERROR,
+    HTTP_CHANNEL,
+    InvalidSessionKey,
+    Origin,
+    check_session_key,
+)
 from corral.supervisor.config import Config, split_listen
-from corral.supervisor.core import Draining, IdConflict, QueueFull, Supervisor, reply_key
+from corral.supervisor.inbox import Inbox
+from corral.supervisor.supervisor import Draining, IdConflict, QueueFull, Supervisor
 
 log = logging.getLogger("corral.http")
 
-CHANNEL = "http"
+CHANNEL = HTTP_CHANNEL
 MAX_WAIT = 300.0
 RETRY_AFTER_DRAINING = "5"
 
@@ -104,17 +111,13 @@ ORIGIN_FIELD_MAX = 1024  # origin fields ride along in every frame and reply
 
 
 class HttpChannel:
-    def __init__(self, supervisor: Supervisor, config: Config) -> None:
-        self.sup = supervisor
+    def __init__(self, supervisor: Supervisor, inbox: Inbox, config: Config) -> None:
+        self.sup = supervisor  # accept
+        self.inbox = inbox  # waits on turns and replies
         self.config = config
         self.token = config.channels.http.token
         self.max_text = int(config.limits.max_text)
         self._runner: web.AppRunner | None = None
-        supervisor.on_reply.append(self._count_delivered)
-
-    def _count_delivered(self, reply: Reply) -> None:
-        if reply.origin.channel == CHANNEL:  # stored is delivered: the client fetches it
-            self.sup.metrics.delivered.labels(CHANNEL).inc()
 
     def app(self) -> web.Application:
         # JSON escaping can grow text up to 6x; past that the text is too long anyway
@@ -206,9 +209,7 @@ class HttpChannel:
         message = accepted.message
         if wait is None:
             return json_response(MessageResult(message.id, message.session, "accepted"), 202)
-        finished, known = await self.sup.wait_turn(message.id, wait)
-        if known is None:
-            known = [r.reply for r in await self.sup.store.replies_for_message(message.id)]
+        finished, known = await self.inbox.wait_turn(message.id, wait)
         replies = [ReplyOut(r.text, r.kind) for r in known]
         if not finished:
             status = "pending"
@@ -223,12 +224,7 @@ class HttpChannel:
         after = int(_number(request, "after", 0, 0, 2**62) or 0)
         wait = _number(request, "wait", 0, 0, MAX_WAIT) or 0.0
         limit = int(_number(request, "limit", 100, 1, 1000) or 100)
-        # watch before the first query, so a reply stored in between still wakes us
-        with self.sup.reply_signals.watch(reply_key(session, CHANNEL)) as new_reply:
-            rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
-            if not rows and wait > 0:
-                await self.sup.wait_or_closing(new_reply, wait)
-                rows = await self.sup.store.replies_after(session, CHANNEL, after, limit)
+        rows = await self.inbox.replies_after(session, CHANNEL, after, limit, wait)
         replies = [
             PolledReply(r.reply.id, r.reply.in_reply_to, r.reply.text, r.reply.kind, r.cursor)
             for r in rows

@@ -1,0 +1,187 @@
+"""The inbox side of the supervisor: messages accepted and finished, replies stored and
+announced, and everything that waits on them (?wait, the replies long-poll).
+
+The store holds the truth. In memory there is only what a waiter needs: a future per
+unfinished message, the replies of turns whose every reply passed through here, and
+wake-ups for long-polls. Replies are submitted to the store in the order the worker
+sent them and before the turn's finish, so a finished turn's replies are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+from corral.protocol.types import ERROR, Origin, Reply
+from corral.supervisor.metrics import Metrics
+from corral.supervisor.store import FAILED, Accepted, Message, Store, StoredReply
+
+log = logging.getLogger("corral.supervisor")
+
+
+class ReplyWakeups:
+    """Per (channel, session) wake-ups for long-polls: `watch` gives a future that the
+    next `notify` completes; the entry goes away when its last watcher leaves."""
+
+    def __init__(self) -> None:
+        self._futures: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._watchers: dict[tuple[str, str], int] = {}
+
+    @contextmanager
+    def watch(self, channel: str, session: str) -> Iterator[asyncio.Future[None]]:
+        key = (channel, session)
+        fut = self._futures.get(key)
+        if fut is None:
+            fut = self._futures[key] = asyncio.get_running_loop().create_future()
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        try:
+            yield fut
+        finally:
+            self._watchers[key] -= 1
+            if not self._watchers[key]:
+                del self._watchers[key]
+                self._futures.pop(key, None)  # whichever future is current: nobody waits
+
+    def notify(self, channel: str, session: str) -> None:
+        fut = self._futures.pop((channel, session), None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
+class Inbox:
+    def __init__(self, store: Store, metrics: Metrics, push_channels: set[str]) -> None:
+        self.store = store
+        self.metrics = metrics
+        # replies to these channels are pushed by the outbox; every other channel's
+        # replies are fetched, so for them stored is delivered
+        self.push_channels = push_channels
+        self.wakeups = ReplyWakeups()
+        self.listeners: list[Callable[[Reply], None]] = []  # told of every new reply
+        self._ended: dict[str, asyncio.Future[list[Reply] | None]] = {}  # unfinished turns
+        # replies of turns first run in this process: every one of their replies passes
+        # through here (a re-run's earlier replies are only in the store)
+        self._replies: dict[str, list[Reply]] = {}
+        self._closing: asyncio.Future[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Accepted messages whose turn has not ended."""
+        return len(self._ended)
+
+    async def restore(self) -> list[Message]:
+        """The messages the last run left unfinished, in accept order."""
+        loop = asyncio.get_running_loop()
+        self._closing = loop.create_future()
+        pending = await self.store.pending()
+        for message in pending:
+            self._ended[message.id] = loop.create_future()
+        self.metrics.inbox_depth.set(len(pending))
+        return pending
+
+    async def accept(
+        self, session: str, text: str, origin: Origin, client_id: str | None
+    ) -> Accepted:
+        """Store a message durably; a duplicate client id gives back the first one."""
+        accepted = await self.store.accept(session, text, origin, client_id)
+        if not accepted.duplicate:
+            self.metrics.accepted.labels(origin.channel).inc()
+            self.metrics.inbox_depth.inc()
+            self._ended[accepted.message.id] = asyncio.get_running_loop().create_future()
+            self._replies[accepted.message.id] = []
+        return accepted
+
+    async def start_attempt(self, message: Message) -> int:
+        return await self.store.start_attempt(message.id)
+
+    async def undo_start(self, message: Message) -> None:
+        """The attempt did not run (stopped before it began, or a drain): not counted."""
+        await self.store.start_attempt_undone(message.id)
+
+    def reply(self, message: Message, index: int, text: str, kind: str) -> None:
+        """Submit a reply to the origin of `message`, and nowhere else. Not awaited: it is
+        announced once committed, and the turn's finish, submitted later, commits no
+        earlier."""
+        push = message.origin.channel in self.push_channels
+        fut = self.store.add_reply(message, index, text, kind, push=push)
+        fut.add_done_callback(partial(self._stored, message, kind))
+
+    async def fail(self, message: Message, index: int, text: str) -> None:
+        """Answer `message` with an error reply and close it."""
+        self.reply(message, index, text, ERROR)
+        await self.finish(message, FAILED)
+
+    async def finish(self, message: Message, state: str) -> None:
+        """The message leaves the inbox: its turn has ended with `state`."""
+        await self.store.finish(message.id, state)
+        self.metrics.inbox_depth.dec()
+        fut = self._ended.pop(message.id, None)
+        replies = self._replies.pop(message.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(replies)
+
+    def _stored(self, message: Message, kind: str, fut: asyncio.Future[Reply | None]) -> None:
+        if fut.cancelled():
+            return
+        if (error := fut.exception()) is not None:
+            log.error("session %s: a reply could not be stored: %s", message.session, error)
+            return
+        reply = fut.result()
+        if reply is None:
+            return  # shown already, by an earlier run of the same turn
+        if kind == ERROR:
+            log.warning("session %s: %s", message.session, reply.text)
+        channel = message.origin.channel
+        if channel not in self.push_channels:
+            self.metrics.delivered.labels(channel).inc()  # the client fetches it
+        self.wakeups.notify(channel, message.session)
+        if (replies := self._replies.get(message.id)) is not None:
+            replies.append(reply)
+        for listener in self.listeners:
+            listener(reply)
+
+    # ---- for channels: waiting on turns and replies
+
+    async def wait_turn(self, message_id: str, timeout: float) -> tuple[bool, list[Reply]]:
+        """Wait until the message's turn has ended (or `timeout`, or the supervisor
+        stops): (ended, the replies so far)."""
+        fut = self._ended.get(message_id)
+        if fut is not None:
+            await self.wait_or_closing(fut, timeout)
+        ended = fut is None or fut.done()
+        known = fut.result() if fut is not None and fut.done() else None
+        if known is None:
+            known = [r.reply for r in await self.store.replies_for_message(message_id)]
+        return ended, known
+
+    async def replies_after(
+        self, session: str, channel: str, after: int, limit: int, wait: float
+    ) -> list[StoredReply]:
+        """Replies of a session to messages from `channel` past the cursor `after`; if there
+        are none, wait up to `wait` seconds for one."""
+        # watch before the first query, so a reply stored in between still wakes us
+        with self.wakeups.watch(channel, session) as new_reply:
+            rows = await self.store.replies_after(session, channel, after, limit)
+            if not rows and wait > 0:
+                await self.wait_or_closing(new_reply, wait)
+                rows = await self.store.replies_after(session, channel, after, limit)
+        return rows
+
+    async def wait_or_closing(self, fut: asyncio.Future[Any], timeout: float) -> None:
+        """Wait for `fut` (never cancelling it) until `timeout` or until the supervisor stops."""
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.shield(fut))]
+        if self._closing is not None:
+            waiters.append(asyncio.ensure_future(asyncio.shield(self._closing)))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    def close_waits(self) -> None:
+        """Every waiting ?wait and long-poll answers now (the supervisor is draining)."""
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)

@@ -1,0 +1,393 @@
+"""The supervisor: the policy that moves sessions along. Everything it directs owns its
+own state (sessions.py, worker.py, turns.py, inbox.py, crashloop.py, watchdog.py).
+
+A message's way through it:
+
+    accept -> dispatch -> start_worker -> worker_life: spawn, serve, reap
+                  \\-> Turns.start -> (frames) -> Turns.end -> dispatch
+
+Everything here runs on one asyncio loop and never waits on a worker without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from corral.protocol import frames, procfs, spawn
+from corral.protocol.control import KillResult
+from corral.protocol.types import (
+    HTTP_CHANNEL,
+    ExitReason,
+    Origin,
+    SessionState,
+    check_session_key,
+)
+from corral.supervisor import cgroups
+from corral.supervisor.config import Config
+from corral.supervisor.crashloop import CrashLoops
+from corral.supervisor.delivery import Outbox
+from corral.supervisor.inbox import Inbox
+from corral.supervisor.metrics import Metrics
+from corral.supervisor.procthread import ProcThread
+from corral.supervisor.services import Changes, Services, Tasks, within
+from corral.supervisor.sessions import Session, SessionTable
+from corral.supervisor.spawner import Spawner
+from corral.supervisor.store import Accepted, Message, Store
+from corral.supervisor.turns import Turns
+from corral.supervisor.watchdog import LoopLag, Watchdog
+from corral.supervisor.worker import Exit, Worker, describe_exit, serve
+
+log = logging.getLogger("corral.supervisor")
+
+PIDS_MAX = 1024  # processes per worker, when cgroups are delegated: stops a fork bomb
+CPU_PERIOD = 100_000  # microseconds
+REAP_TIMEOUT = 1.0  # for the zygote's word on how a dead worker ended
+KILL_ANSWER_GRACE = 3.0  # `corral kill` answers within kill_grace + this
+DRAINED_GRACE = 0.5  # past kill_grace, for the last reaps of a drain
+
+
+class Draining(Exception):
+    """The supervisor is stopping and accepts nothing new."""
+
+
+class QueueFull(Exception):
+    """The session already has max_queue messages waiting."""
+
+
+class IdConflict(Exception):
+    """A client id was used before for a message of another session."""
+
+
+class UnknownSession(Exception):
+    """The session has no live worker."""
+
+
+class Supervisor:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.store = store or Store(config.state_path / "corral.db")
+        self.metrics = Metrics()
+        self.metrics.declare_channels([HTTP_CHANNEL, *config.channels.webhook])
+        self.max_frame = (
+            max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
+        )
+        self.spawner = Spawner(worker_settings(config, self.max_frame))
+        self.procs = ProcThread()
+        self.tasks = Tasks()
+        self.services = Services(on_fatal=self.give_up)
+        self.sessions = SessionTable(config.supervisor.max_workers)
+        self.crashloops = CrashLoops(self.store, self.limits, on_release=self.released)
+        self.inbox = Inbox(self.store, self.metrics, push_channels=set(config.channels.webhook))
+        self.outbox = Outbox(config.channels.webhook, config.delivery, self.store, self.metrics)
+        self.inbox.listeners.append(self.outbox.on_reply)
+        self.watchdog = Watchdog(
+            self.limits, self.sessions.workers, self.spawner, self.procs, self.crashloops.forget_old
+        )
+        self.turns = Turns(
+            self.limits,
+            self.inbox,
+            self.metrics,
+            self.tasks,
+            measure=self.watchdog.measure,
+            requeue=self.requeue,
+            on_ended=self.turn_ended,
+        )
+        self.lag = LoopLag(self.metrics, healthy=self.services.healthy)
+        self.changes = Changes()  # a turn ended or a worker was reaped
+        self.delegation: cgroups.Delegation | None = None
+        self.draining = False
+        self.fatal: str | None = None  # why the supervisor gave up, if it did
+        self.drain_timeout = float(config.supervisor.drain_timeout)
+        self.started_wall = time.time()
+        self._stop_requested = asyncio.Event()
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Open the store, start the zygote, and re-queue what the last run left unfinished."""
+        self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.store.open()
+        procfs.become_subreaper()  # a dead zygote's orphans come to us (see Watchdog)
+        await self.use_cgroups()
+        await self.spawner.start()
+        for key in await self.crashloops.restore():
+            self.sessions.get_or_create(key)  # listed as quarantined
+        pending = await self.inbox.restore()
+        for message in pending:
+            self.sessions.get_or_create(message.session).queue.append(message)
+        if pending:
+            log.info("re-queued %d unfinished messages from the last run", len(pending))
+        await self.outbox.prepare()
+        for name, channel in self.outbox.channels.items():
+            self.services.start(f"delivery to {name}", channel.run)
+        self.services.start("watchdog", self.watchdog.run)
+        self.services.start("loop lag", self.lag.run)
+        for s in self.sessions:
+            self.dispatch(s)
+
+    async def use_cgroups(self) -> None:
+        """Give each worker a cgroup with kernel limits, if the service owns a subtree."""
+        enabled = self.config.supervisor.cgroups
+        self.delegation, why = await self.procs.run(lambda: cgroups.delegate(enabled))
+        if self.delegation is None:
+            log.info("per-worker cgroups: not used (%s); bounds rely on sampling", why)
+            return
+        rss_max = int(self.limits.rss_max)
+        self.spawner.settings = msgspec.structs.replace(
+            self.spawner.settings,
+            cgroup_workers=str(self.delegation.workers),
+            # above rss_max: the sampler names the figure first; the kernel stops what
+            # grows faster than it samples
+            memory_max=rss_max + max(16 * 2**20, rss_max // 8),
+            pids_max=PIDS_MAX,
+            cpu_max=f"{CPU_PERIOD} {CPU_PERIOD}",  # one CPU per worker
+        )
+        controllers = ", ".join(self.delegation.controllers) or "none"
+        log.info(
+            "per-worker cgroups under %s (controllers: %s)", self.delegation.workers, controllers
+        )
+
+    def request_stop(self, drain_timeout: float | None = None) -> None:
+        """Begin a graceful stop (SIGTERM, SIGINT, `corral drain`); idempotent."""
+        if drain_timeout is not None and not self._stop_requested.is_set():
+            self.drain_timeout = drain_timeout
+        self._stop_requested.set()
+
+    async def wait_stop_requested(self) -> None:
+        await self._stop_requested.wait()
+
+    def give_up(self, why: str) -> None:
+        """A permanent service keeps failing: stop (bounded, as ever) and exit non-zero."""
+        self.fatal = why
+        self.request_stop()
+
+    async def drain(self) -> None:
+        """Stop intake, let running turns finish for drain_timeout, then stop every worker.
+
+        Bounded by drain_timeout + kill_grace + about a second, whatever workers do.
+        Unfinished messages stay in the inbox for the next start.
+        """
+        self.draining = True
+        self.inbox.close_waits()  # every ?wait and long-poll answers now
+        await self.changes.wait_until(lambda: not self.busy_workers(), self.drain_timeout)
+        for w in self.sessions.workers():
+            if w.state is SessionState.BUSY:
+                w.stop(ExitReason.DRAIN, "the supervisor is stopping")
+            else:
+                w.retire(ExitReason.DRAIN)
+        grace = float(self.config.supervisor.kill_grace) + DRAINED_GRACE
+        if not await self.changes.wait_until(lambda: not self.sessions.workers(), grace):
+            log.error("%d workers not reaped after drain", len(self.sessions.workers()))
+
+    def busy_workers(self) -> list[Worker]:
+        return [w for w in self.sessions.workers() if w.state is SessionState.BUSY]
+
+    async def close(self) -> None:
+        await self.services.close()
+        await self.tasks.close()
+        self.crashloops.close()
+        await self.spawner.stop()
+        # orphans of a zygote that died since the last sweep would outlive us
+        await self.watchdog.sweep_strays()
+        for w in self.sessions.workers():
+            w.close()
+        await self.store.close()
+        self.procs.close()
+
+    # ---- the policy
+
+    async def accept(
+        self, session: str, text: str, origin: Origin, client_id: str | None = None
+    ) -> Accepted:
+        """Store a message durably and queue its turn. Raises Draining, QueueFull, IdConflict."""
+        check_session_key(session)
+        if self.draining:
+            raise Draining()
+        s = self.sessions.get(session)
+        if s is not None and len(s.queue) >= self.limits.max_queue:
+            raise QueueFull(f"session {session} has {len(s.queue)} messages waiting")
+        accepted = await self.inbox.accept(session, text, origin, client_id)
+        if accepted.duplicate:
+            if accepted.message.session != session:
+                raise IdConflict(f"id {accepted.message.id!r} was already used for another session")
+            return accepted
+        s = self.sessions.get_or_create(session)
+        s.queue.append(accepted.message)
+        s.last_used = time.monotonic()
+        self.dispatch(s)
+        return accepted
+
+    def dispatch(self, s: Session) -> None:
+        """Move a session one step: refuse, start a worker, run the next turn, yield, or idle."""
+        if self.crashloops.quarantined(s.key) is not None:
+            return self.refuse_queued(s)
+        w = s.worker
+        if w is None:
+            if s.has_slot:
+                return None  # its worker is being started
+            if not s.queue or self.draining:
+                if s.is_empty():
+                    self.sessions.forget(s)
+                return None
+            return self.start_worker(s)
+        if w.state is not SessionState.IDLE:
+            return None
+        if self.draining:  # a worker that finished starting after the drain began
+            return w.retire(ExitReason.DRAIN)
+        if s.queue:
+            self.sessions.disarm_idle(s)
+            return self.turns.start(s, w, s.queue.popleft())
+        if self.sessions.waiting:  # another session waits for a slot: this idle one yields it
+            return w.retire(ExitReason.EVICTED)
+        idle_timeout = float(self.config.supervisor.idle_timeout)
+        self.sessions.arm_idle(s, idle_timeout, lambda: w.retire(ExitReason.IDLE))
+        return None
+
+    def start_worker(self, s: Session) -> None:
+        if self.sessions.take_slot(s):
+            self.tasks.start(self.worker_life(s), f"worker {s.key}")
+        elif (victim := self.sessions.lru_idle()) is not None and victim.worker is not None:
+            victim.worker.retire(ExitReason.EVICTED)  # its slot goes to the next in line
+
+    async def worker_life(self, s: Session) -> None:
+        """One task owns one worker, from the spawn request to the reap."""
+        w: Worker | None = None
+        try:
+            if delay := self.crashloops.backoff(s.key):
+                await asyncio.sleep(delay)
+                if self.draining or self.crashloops.quarantined(s.key) is not None:
+                    return
+            w = s.worker = await self.spawn(s)
+            if w is None:
+                return
+            await serve(w, self.max_frame, self.ready_callback(s, w), self.frame_callback(w))
+            exit = await self.reap(w)
+            await self.turns.abandon(w, exit)  # its turn: an error reply, or back on drain
+            await self.crashloops.record(s.key, exit.reason)
+        except Exception:
+            # the store failed: the message stays pending for the next start; the
+            # bookkeeping below must happen regardless, or the session is wedged
+            log.exception("session %s: the end of its worker could not be recorded", s.key)
+        finally:  # on every path: the slot is freed and the session moves on
+            if w is not None:
+                w.close()
+                w.reaped.set()
+            s.worker = None
+            self.sessions.disarm_idle(s)
+            self.sessions.free_slot(s)
+            self.changes.notify()
+            self.admit_waiting()
+            self.dispatch(s)
+
+    async def spawn(self, s: Session) -> Worker | None:
+        recent = self.crashloops.recent(s.key)
+        try:
+            # a session that broke a bound within restart_period starts at idle priority:
+            # its worker gives way to every well-behaved one
+            spawned = await self.spawner.spawn(s.key, idle=bool(recent))
+        except Exception as e:  # SpawnError, a timeout, or descriptors running out
+            log.error("session %s: cannot start a worker: %s", s.key, e)
+            await self.crashloops.count_failure(s.key)
+            return None
+        grace = float(self.config.supervisor.kill_grace)
+        cgroup_workers = self.delegation.workers if self.delegation else None
+        w = Worker(s.key, spawned, self.procs, grace, cgroup_workers)
+        w.demoted = bool(recent)
+        return w
+
+    def ready_callback(self, s: Session, w: Worker) -> Callable[[], None]:
+        def ready() -> None:  # the worker said hello
+            loop_time = asyncio.get_running_loop().time()
+            self.metrics.spawn_seconds.observe(w.spawn_seconds + loop_time - w.started)
+            self.dispatch(s)
+
+        return ready
+
+    def frame_callback(self, w: Worker) -> Callable[[frames.WorkerFrame], Awaitable[None]]:
+        return lambda frame: self.turns.on_frame(w, frame)
+
+    async def reap(self, w: Worker) -> Exit:
+        """The worker is dead: how it ended, counted."""
+        exited = await self.spawner.exit_status(w.pid, timeout=REAP_TIMEOUT)
+        exit = w.exit or describe_exit(exited, self.spawner.settings.memory_max)
+        self.metrics.worker_exits.labels(exit.reason).inc()
+        return exit
+
+    def turn_ended(self, s: Session) -> None:
+        self.changes.notify()
+        self.dispatch(s)
+
+    def requeue(self, message: Message) -> None:
+        """Put a message back at the head of its session's queue (a new Session if the
+        old one was forgotten meanwhile)."""
+        s = self.sessions.get_or_create(message.session)
+        s.queue.appendleft(message)
+        self.dispatch(s)
+
+    def admit_waiting(self) -> None:
+        while (s := self.sessions.next_waiting()) is not None:  # ends when slots or line run out
+            self.dispatch(s)
+
+    def refuse_queued(self, s: Session) -> None:
+        """Answer every queued message of a quarantined session with an error (one
+        refuser per session, however often it is dispatched)."""
+        if s.queue and not s.refusing:
+            s.refusing = True
+            self.tasks.start(self._refuse(s), f"refuse {s.key}")
+
+    async def _refuse(self, s: Session) -> None:
+        until = self.crashloops.quarantined(s.key) or 0.0
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(until))
+        text = (
+            f"session quarantined after repeated worker failures; messages are refused "
+            f"until {when} or `corral release {s.key}` [quarantined]"
+        )
+        try:
+            while s.queue and self.crashloops.quarantined(s.key) is not None:  # ends: queue empty
+                await self.inbox.fail(s.queue.popleft(), 0, text)
+        finally:
+            s.refusing = False
+            self.dispatch(s)
+
+    # ---- operator actions
+
+    async def kill_session(self, key: str, force: bool) -> KillResult:
+        """Stop a session's worker for an operator; answers once it is reaped (bounded)."""
+        s = self.sessions.get(key)
+        if s is None or s.worker is None:
+            raise UnknownSession(key)
+        w = s.worker
+        w.stop(ExitReason.KILLED, "killed by an operator" if force else "stopped by an operator")
+        if force:
+            w.kill()
+        await within(float(self.config.supervisor.kill_grace) + KILL_ANSWER_GRACE, w.reaped.wait())
+        reason = w.exit.reason if w.exit else ExitReason.KILLED
+        return KillResult(session=key, pid=w.pid, reason=reason, reaped=w.reaped.is_set())
+
+    async def release(self, key: str) -> bool:
+        """Lift a session's quarantine now; False if it is not quarantined."""
+        if not await self.crashloops.release(key):
+            return False
+        self.released(key)
+        return True
+
+    def released(self, key: str) -> None:
+        if (s := self.sessions.get(key)) is not None:
+            self.dispatch(s)  # its queue runs again, or it is forgotten: no ghost
+
+
+def worker_settings(config: Config, max_frame: int) -> spawn.WorkerSettings:
+    """What every worker is told at the zygote's start."""
+    return spawn.WorkerSettings(
+        entrypoint=config.agent.entrypoint,
+        options=config.agent.options,
+        state_dir=str(config.state_path),
+        max_frame=max_frame,
+        cpu_time_per_turn=float(config.limits.cpu_time_per_turn),
+    )
