@@ -1,5 +1,5 @@
 """Process plumbing both the zygote and the supervisor need: a process's children
-from /proc, and prctl.
+from /proc, killing the strays among them, and prctl.
 
 /proc/<pid>/task/<tid>/children lists the children each thread forked (or was handed
 as a subreaper); reading it costs the size of the tree, where psutil's children()
@@ -8,8 +8,10 @@ scans every process on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
 
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -59,3 +61,22 @@ def children(pid: int | str = "self") -> set[int]:
         except OSError:
             continue
     return found
+
+
+def kill_strays(keep: set[int]) -> list[int]:
+    """SIGKILL and reap this process's children other than `keep`; the PIDs killed.
+
+    We are a subreaper, so what a dead child leaves behind is re-parented to us: the
+    supervisor keeps its zygotes, a zygote its workers. Our own children's PIDs
+    cannot be recycled before we reap them, so signalling them by PID is safe. A
+    stray not dead yet when reaped here is reaped later: by the next call, or by the
+    caller's own wait loop.
+    """
+    killed = []
+    for pid in children() - keep:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return killed

@@ -15,6 +15,8 @@ the kernel enforces what sampling can only observe after the fact:
 
 Without a delegated subtree (the default outside systemd, or cgroup v1) nothing
 here is used and the portable path (sampling, RLIMIT_CPU, tree walks) does it all.
+The cgroupfs reads and writes themselves are in corral.protocol.cgroupfs, which the
+zygote and the workers share.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import msgspec
 
+from corral.protocol import cgroupfs
+from corral.protocol.spawn import WorkerSettings
+
 log = logging.getLogger("corral.cgroups")
 
 CONTROLLERS = ("memory", "pids", "cpu")
+PIDS_MAX = 1024  # processes per worker: stops a fork bomb
+CPU_PERIOD = 100_000  # microseconds
+MEMORY_HEADROOM = 16 * 2**20  # at least this much of memory.max above rss_max
 
 
 class Delegation(msgspec.Struct, frozen=True):
@@ -60,11 +67,6 @@ def own_cgroup() -> tuple[Path, Path] | None:
     return None
 
 
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
 def delegate(enabled: bool) -> tuple[Delegation | None, str]:
     """Set up per-worker cgroups if we own a cgroup v2 subtree; (delegation, why not)."""
     if not enabled:
@@ -84,17 +86,19 @@ def delegate(enabled: bool) -> tuple[Delegation | None, str]:
         # else the service manager started there
         for pid in (base / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError, OSError):
-                _write(leaf / "cgroup.procs", pid)
+                cgroupfs.write(leaf / "cgroup.procs", pid)
         available = (base / "cgroup.controllers").read_text().split()
         controllers = tuple(c for c in CONTROLLERS if c in available)
+        enable = " ".join(f"+{c}" for c in controllers)
         if controllers:
-            _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
+            cgroupfs.write(base / "cgroup.subtree_control", enable)
         workers = base / "workers"
         workers.mkdir(exist_ok=True)
         if controllers:
-            _write(workers / "cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
+            cgroupfs.write(workers / "cgroup.subtree_control", enable)
         if "cpu" in controllers:
-            _write(workers / "cpu.weight", "100")  # all workers together: the supervisor's share
+            # all workers together: the supervisor's share
+            cgroupfs.write(workers / "cpu.weight", "100")
         removed = remove_stale(workers)
     except OSError as e:
         return None, f"cannot set up cgroups under {base}: {e}"
@@ -105,33 +109,34 @@ def delegate(enabled: bool) -> tuple[Delegation | None, str]:
 
 def remove_stale(workers: Path, timeout: float = 5.0) -> int:
     """Kill and remove every worker cgroup (a SIGKILLed run leaves them behind)."""
-    stale = [d for d in workers.iterdir() if d.is_dir()]
-    for d in stale:
-        with contextlib.suppress(OSError):
-            _write(d / "cgroup.kill", "1")
-    deadline = time.monotonic() + timeout
-    left = stale
-    while left and time.monotonic() < deadline:  # bounded: killed processes leave quickly
-        left = [d for d in left if not _rmdir(d)]
-        if left:
-            time.sleep(0.02)
-    return len(stale) - len(left)
-
-
-def _rmdir(d: Path) -> bool:
-    try:
-        d.rmdir()
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
+    stale = cgroupfs.subgroups(workers)
+    return len(stale) - len(cgroupfs.destroy(stale, timeout))
 
 
 def kill_cgroup(workers: Path, pid: int) -> bool:
     """SIGKILL everything in a worker's cgroup at once; False if it has none."""
-    try:
-        _write(workers / str(pid) / "cgroup.kill", "1")
-        return True
-    except OSError:
-        return False
+    return cgroupfs.kill(cgroupfs.worker_cgroup(workers, pid))
+
+
+def worker_limits(rss_max: int, cpus: float = 1.0, pids_max: int = PIDS_MAX) -> cgroupfs.Limits:
+    """The kernel limits of each worker's cgroup, for a worker bound to `rss_max` bytes."""
+    return cgroupfs.Limits(
+        # above rss_max: the sampler names the figure first; the kernel stops what
+        # grows faster than it samples
+        memory_max=rss_max + max(MEMORY_HEADROOM, rss_max // 8),
+        pids_max=pids_max,
+        cpu_max=f"{round(cpus * CPU_PERIOD)} {CPU_PERIOD}",
+    )
+
+
+def with_cgroups(
+    settings: WorkerSettings, delegation: Delegation, limits: cgroupfs.Limits
+) -> WorkerSettings:
+    """`settings` telling each worker to join a cgroup of its own with `limits`."""
+    return msgspec.structs.replace(
+        settings,
+        cgroup_workers=str(delegation.workers),
+        memory_max=limits.memory_max,
+        pids_max=limits.pids_max,
+        cpu_max=limits.cpu_max,
+    )

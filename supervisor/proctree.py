@@ -10,7 +10,6 @@ These functions do file I/O: call them from the sampler's thread, not the loop.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
@@ -18,6 +17,7 @@ import msgspec
 import psutil
 
 from corral.protocol.procfs import children
+from corral.protocol.procfs import kill_strays as kill_strays  # shared with the zygote
 
 
 def descendants(pid: int) -> list[int]:
@@ -77,23 +77,6 @@ def demote_tree(root_pidfd: int, pid: int) -> int:
         except (ProcessLookupError, PermissionError, FileNotFoundError):
             continue
     return moved
-
-
-def kill_strays(keep: set[int]) -> list[int]:
-    """SIGKILL and reap this process's children other than `keep` (the zygotes).
-
-    Only a zygote that died leaves orphans to us (we are a subreaper). Our own
-    children's PIDs cannot be recycled before we reap them, so signalling them by
-    PID is safe. A killed stray is reaped on the next call.
-    """
-    killed = []
-    for pid in children() - keep:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-    return killed
 
 
 def signal_descendants(root_pidfd: int, pid: int, sig: int) -> int:

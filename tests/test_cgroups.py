@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -17,10 +18,31 @@ from pathlib import Path
 import psutil
 import pytest
 
+from corral.protocol import cgroupfs
 from corral.supervisor import cgroups
 from tests.harness import Corral
 
 CHAOS = "corral.worker.agents.chaos:agent"
+NESTING = "tests.test_cgroups:nesting_agent"
+
+
+def nesting_agent(turn, ctx):  # type: ignore[no-untyped-def]
+    """ "nest": start a sleeper in a cgroup made inside the worker's own, reply its PID.
+    "exit": the worker dies mid-turn. Anything else is echoed.
+
+    A worker owns its cgroup's directory, so agent code can do this."""
+    if turn.text == "nest":
+        found = cgroups.own_cgroup()
+        assert found is not None
+        inner = found[1] / "inner"
+        inner.mkdir()
+        sleeper = subprocess.Popen(["sleep", "3600"])
+        (inner / "cgroup.procs").write_text(str(sleeper.pid))
+        ctx.reply(str(sleeper.pid))
+    elif turn.text == "exit":
+        os._exit(3)
+    else:
+        ctx.reply(turn.text)
 
 
 def _procs(cg: Path) -> set[int]:
@@ -100,3 +122,35 @@ def test_worker_cgroups_left_by_a_sigkilled_run_are_cleaned_at_the_next_start(tm
         assert dirs == [str(c.ls()[0]["pid"])]
     finally:
         assert c.stop() == 0
+
+
+def test_a_cgroup_an_agent_made_inside_its_worker_s_goes_with_the_worker(tmp_path, delegated):
+    c = Corral(tmp_path, agent=NESTING).start(cgroup=delegated)
+    try:
+        sleeper = int(c.texts("a", "nest")[0])
+        worker = c.ls()[0]["pid"]
+        cg = delegated / "workers" / str(worker)
+        assert sleeper in _procs(cg / "inner")
+
+        c.send("a", "exit")  # the worker dies; the zygote kills and removes its cgroup
+        deadline = time.monotonic() + 10
+        while cg.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not cg.exists(), "the dead worker's cgroup and the one inside it are removed"
+        assert not psutil.pid_exists(sleeper)
+
+        assert c.texts("b", "nest")[0].isdigit()  # left running for the stop to clean up
+    finally:
+        assert c.stop() == 0
+    assert not c.leftovers()
+    assert [d for d in (delegated / "workers").iterdir() if d.is_dir()] == []
+
+
+def test_worker_memory_max_leaves_headroom_above_rss_max():
+    """The kernel stops a worker a little above rss_max, so the sampler names the figure."""
+    gib, mib = 1024**3, 1024**2
+    assert cgroups.worker_limits(gib) == cgroupfs.Limits(
+        memory_max=gib + gib // 8, pids_max=cgroups.PIDS_MAX, cpu_max="100000 100000"
+    )
+    assert cgroups.worker_limits(64 * mib).memory_max == 80 * mib  # at least 16 MiB more
+    assert cgroups.worker_limits(gib, cpus=0.5).cpu_max == "50000 100000"

@@ -24,7 +24,7 @@ import msgspec
 from corral.protocol import frames
 from corral.protocol.spawn import WorkerSettings
 from corral.protocol.types import HistoryEntry, Turn
-from corral.worker.process import set_cpu_backstop
+from corral.worker.confine import set_cpu_backstop
 from corral.worker.transcript import Transcript
 
 Agent = Callable[[Turn, "Context"], Any]

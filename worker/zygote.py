@@ -21,11 +21,12 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
-from corral.protocol import spawn
-from corral.protocol.procfs import children, set_title
-from corral.worker.process import become_subreaper, confine, die_with_parent, join_cgroup
-from corral.worker.runtime import AgentLoadError, Runtime, load_agent
+from corral.protocol import cgroupfs, spawn
+from corral.protocol.procfs import become_subreaper, kill_strays, set_title
+from corral.worker.confine import confine, die_with_parent
+from corral.worker.runtime import Agent, AgentLoadError, Runtime, load_agent
 
 
 def _reaped() -> Iterator[tuple[int, int]]:
@@ -44,8 +45,10 @@ class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.workers: set[int] = set()
-        self.empty_cgroups: set[str] = set()
         self.settings: spawn.WorkerSettings | None = None
+        self.agent: Agent | None = None
+        self.workers_cgroup: Path | None = None  # the supervisor's workers/, if delegated
+        self.dying_cgroups: set[Path] = set()  # of dead workers, killed, not yet removed
 
     def send(self, msg: object, fds: list[int] | None = None) -> None:
         data = spawn.encode(msg)
@@ -59,6 +62,8 @@ class Zygote:
         if not data:
             return
         self.settings = settings = spawn.settings_decoder.decode(data)
+        if settings.cgroup_workers:
+            self.workers_cgroup = Path(settings.cgroup_workers)
         try:
             self.agent = load_agent(settings.entrypoint)
         except AgentLoadError as e:
@@ -99,21 +104,17 @@ class Zygote:
             self.send(spawn.SpawnFailed(seq=request.seq, error=f"fork failed: {e}"))
             return
         if pid == 0:
-            code = 70
+            code = os.EX_SOFTWARE  # what the worker exits with if it fails before serving
             try:
                 signal.set_wakeup_fd(-1)
                 for other in closing:
                     os.close(other)
-                s = self.settings
-                assert s is not None
-                if s.cgroup_workers:
-                    join_cgroup(s.cgroup_workers, s.memory_max, s.pids_max, s.cpu_max)
-                confine(s.nice)
-                if request.idle:
-                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                s, agent = self.settings, self.agent
+                assert s is not None and agent is not None  # run() set both before any spawn
+                confine(s, idle=request.idle)
                 set_title(f"corral: worker {request.session}")
                 sock = socket.socket(fileno=fd)
-                code = Runtime(sock, request.session, s, self.agent).serve()
+                code = Runtime(sock, request.session, s, agent).serve()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -143,73 +144,34 @@ class Zygote:
                 oom = self.release_cgroup(pid)
                 self.send(spawn.Exited(pid=pid, status=status, oom_killed=oom))
         if worker_exited:
-            self.kill_strays()
-        self.remove_cgroups()
+            kill_strays(keep=self.workers)  # what a dead worker left behind
+        self.dying_cgroups = cgroupfs.remove_all(self.dying_cgroups)
 
     def release_cgroup(self, pid: int) -> bool:
         """Kill what is left in a dead worker's cgroup; whether the kernel OOM-killed it."""
-        if self.settings is None or not self.settings.cgroup_workers:
+        if self.workers_cgroup is None:
             return False
-        cg = os.path.join(self.settings.cgroup_workers, str(pid))
-        oom = False
-        try:
-            with open(os.path.join(cg, "memory.events")) as f:
-                counts = dict(line.split() for line in f if line.strip())
-            oom = counts.get("oom_kill", "0") != "0"
-        except OSError:
-            pass
-        try:
-            with open(os.path.join(cg, "cgroup.kill"), "w") as f:
-                f.write("1")
-        except OSError:
-            pass
-        self.empty_cgroups.add(cg)
+        cg = cgroupfs.worker_cgroup(self.workers_cgroup, pid)
+        oom = cgroupfs.oom_kills(cg) > 0
+        cgroupfs.kill(cg)
+        self.dying_cgroups.add(cg)  # removed once the kernel has emptied it
         return oom
 
-    def remove_cgroups(self) -> None:
-        """rmdir the cgroups of dead workers once the kernel has emptied them."""
-        for cg in list(self.empty_cgroups):
-            try:
-                os.rmdir(cg)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue  # still busy: its killed processes are on their way out
-            self.empty_cgroups.discard(cg)
-
-    def kill_strays(self) -> None:
-        """Kill what a dead worker left behind: our children that are not workers."""
-        for pid in children() - self.workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
     def kill_everything(self, timeout: float = 5.0) -> None:
-        """Kill every worker and every descendant; wait until none is left."""
-        workers_cg = self.settings.cgroup_workers if self.settings else ""
-        if workers_cg:
-            for name in os.listdir(workers_cg):
-                self.empty_cgroups.add(os.path.join(workers_cg, name))
-                try:
-                    with open(os.path.join(workers_cg, name, "cgroup.kill"), "w") as f:
-                        f.write("1")
-                except OSError:
-                    pass
+        """Kill every worker and every descendant, and remove their cgroups."""
+        if self.workers_cgroup is not None:
+            for cg in cgroupfs.subgroups(self.workers_cgroup):
+                cgroupfs.kill(cg)
+                self.dying_cgroups.add(cg)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # bounded: each round kills what it finds
-            left = children()
-            if not left:
-                return
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.01)
+            killed = kill_strays(keep=set())  # all our children: workers and their strays
             for _ in _reaped():
                 pass
-            self.remove_cgroups()
+            self.dying_cgroups = cgroupfs.remove_all(self.dying_cgroups)
+            if not killed and not self.dying_cgroups:
+                return
+            time.sleep(0.01)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import resource
 import signal
+from pathlib import Path
 
+from corral.protocol import cgroupfs
 from corral.protocol.procfs import become_subreaper, prctl
+from corral.protocol.spawn import WorkerSettings
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
@@ -38,31 +41,12 @@ def set_cpu_backstop(seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def join_cgroup(workers: str, memory_max: int, pids_max: int, cpu_max: str) -> None:
-    """Move this process into a cgroup of its own under `workers`, with kernel limits.
+def confine(settings: WorkerSettings, idle: bool = False) -> None:
+    """Own cgroup, own process group, lower priority, no core files, no privilege gain.
 
-    Everything it forks from now on, strays included, is in there too.
-    """
-    cg = os.path.join(workers, str(os.getpid()))
-    os.mkdir(cg)
-    limits = {
-        "memory.max": str(memory_max) if memory_max else "",
-        "memory.oom.group": "1" if memory_max else "",
-        "memory.swap.max": "0" if memory_max else "",
-        "pids.max": str(pids_max) if pids_max else "",
-        "cpu.max": cpu_max,
-    }
-    for name, value in limits.items():
-        path = os.path.join(cg, name)
-        if value and os.path.exists(path):  # a controller the service was not given
-            with open(path, "w") as f:
-                f.write(value)
-    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
-        f.write("0")  # "0": the writing process
-
-
-def confine(nice: int) -> None:
-    """Own process group, lower priority, no core files, no privilege gain.
+    The cgroup (when the supervisor has a delegated subtree) comes first, so that
+    everything the worker forks, strays included, is in it and under its limits.
+    `idle` starts the worker at SCHED_IDLE: its session broke a bound recently.
 
     A process group of its own keeps the terminal's Ctrl-C away from workers. Not a
     session of its own: with the kernel's autogroup scheduling (on by default on
@@ -70,12 +54,19 @@ def confine(nice: int) -> None:
     share, so a setsid'd worker spinning at nice 10 would take as much CPU as the
     whole supervisor; in the supervisor's session, nice and SCHED_IDLE do their job.
     """
+    if settings.cgroup_workers:
+        limits = cgroupfs.Limits(
+            memory_max=settings.memory_max, pids_max=settings.pids_max, cpu_max=settings.cpu_max
+        )
+        cgroupfs.join(cgroupfs.worker_cgroup(Path(settings.cgroup_workers), os.getpid()), limits)
     os.setpgid(0, 0)
     die_with_parent()
     become_subreaper()
     no_new_privs()
-    os.nice(nice)
+    os.nice(settings.nice)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # the zygote handles some of these itself; the worker starts from the defaults
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
