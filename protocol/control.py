@@ -1,5 +1,6 @@
 """Bodies of the control API (HTTP+JSON on the control socket), shared by the
-supervisor that serves them and the CLI that reads them."""
+supervisor that serves them and the CLI that reads them; and the HTTP channel's answer
+to a message, which `corral send` reads."""
 
 from __future__ import annotations
 
@@ -57,3 +58,19 @@ class DrainResult(msgspec.Struct):
 
 class ErrorBody(msgspec.Struct):
     error: str
+
+
+# The HTTP channel's answer to POST /v1/messages, read by `corral send`. The same
+# shape as `supervisor/channels/http.py` writes; that module could import these.
+
+
+class ReplyOut(msgspec.Struct):
+    text: str
+    kind: str  # reply | error
+
+
+class MessageResult(msgspec.Struct):
+    id: str
+    session: str
+    status: str  # accepted (no ?wait) | pending | done | error
+    replies: list[ReplyOut] | msgspec.UnsetType = msgspec.UNSET  # only with ?wait

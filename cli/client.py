@@ -1,0 +1,217 @@
+"""How the `corral` commands reach a running supervisor: its control socket (HTTP+JSON
+on a Unix socket) and, for `corral send`, the HTTP channel. One request per command,
+under a hard deadline; answers are decoded into the Structs of `protocol.control`.
+
+Every failure is a `click.ClickException` whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import click
+import msgspec
+
+from corral.protocol.control import (
+    DrainResult,
+    ErrorBody,
+    KillResult,
+    MessageResult,
+    SessionInfo,
+    SessionList,
+    Status,
+)
+from corral.supervisor.config import Config, split_listen
+
+DEFAULT_TIMEOUT = 5.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """A successful answer, decoded; `plain` is the same body as plain JSON values,
+    which `--json` prints as corral sent it."""
+
+    body: T
+    plain: Any
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An answer with an error status (4xx or 5xx)."""
+
+    status: int
+    error: str
+    plain: Any
+
+
+def _request(
+    method: str,
+    url: str,
+    deadline: float,
+    where: str,
+    unix_socket: Path | None = None,
+    **kwargs: Any,
+) -> tuple[int, bytes]:
+    """The status and body of one request; `where` names the server in messages."""
+
+    async def go() -> tuple[int, bytes]:
+        connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket else None
+        timeout = aiohttp.ClientTimeout(total=deadline)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            async with http.request(method, url, **kwargs) as resp:
+                return resp.status, await resp.read()
+
+    try:
+        return asyncio.run(go())
+    except TimeoutError:  # first: a TimeoutError is an OSError, but corral is there
+        raise click.ClickException(f"corral did not answer within {deadline:g}s {where}") from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise click.ClickException(
+            f"cannot reach corral {where}: {e}. Is 'corral serve' running?"
+        ) from None
+
+
+def _decode(kind: type[T], status: int, raw: bytes, where: str) -> Answer[T] | Refused:
+    try:
+        plain = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        if status >= 400:  # an error page not written by corral itself (a proxy, aiohttp)
+            text = raw.decode(errors="replace").strip()
+            return Refused(status, text, text)
+        raise click.ClickException(
+            f"corral answered {where} with a body that is not JSON: {raw[:200]!r}"
+        ) from None
+    if status >= 400:
+        try:
+            error = msgspec.convert(plain, ErrorBody).error
+        except msgspec.ValidationError:
+            error = str(plain)
+        return Refused(status, error, plain)
+    try:
+        return Answer(msgspec.convert(plain, kind), plain)
+    except msgspec.ValidationError as e:
+        # a supervisor of another version than this command
+        raise click.ClickException(
+            f"corral answered {where} with an unexpected body: {e}"
+        ) from None
+
+
+def _quote(session: str) -> str:
+    return quote(session, safe="")
+
+
+class ControlClient:
+    """Talks to `corral serve` over its control socket, with a hard deadline."""
+
+    def __init__(self, config: Config, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.config = config
+        self.path = config.control_socket_path
+        self.timeout = timeout
+
+    def status(self) -> Answer[Status]:
+        return self._call(Status, "GET", "/v1/status")
+
+    def sessions(self) -> Answer[SessionList]:
+        return self._call(SessionList, "GET", "/v1/sessions")
+
+    def session(self, session: str) -> Answer[SessionInfo]:
+        return self._call(SessionInfo, "GET", f"/v1/sessions/{_quote(session)}")
+
+    def kill(self, session: str, force: bool) -> Answer[KillResult]:
+        return self._call(
+            KillResult,
+            "POST",
+            f"/v1/sessions/{_quote(session)}/kill",
+            {"force": "1"} if force else None,
+            # corral answers once the worker is reaped: up to kill_grace after SIGTERM
+            extra_time=float(self.config.supervisor.kill_grace) + 3,
+        )
+
+    def release(self, session: str) -> Answer[SessionInfo]:
+        return self._call(SessionInfo, "POST", f"/v1/sessions/{_quote(session)}/release")
+
+    def drain(self, drain_timeout: float | None) -> Answer[DrainResult]:
+        params = {"timeout": str(drain_timeout)} if drain_timeout is not None else None
+        return self._call(DrainResult, "POST", "/v1/drain", params)
+
+    def wait_stopped(self, bound: float) -> bool:
+        """Whether the supervisor exited (its socket is gone) within `bound` seconds."""
+        deadline = time.monotonic() + bound
+        while self.path.exists() and time.monotonic() < deadline:  # ends at the deadline
+            time.sleep(0.1)
+        return not self.path.exists()
+
+    def _call(
+        self,
+        kind: type[T],
+        method: str,
+        path: str,
+        params: dict[str, str] | None = None,
+        extra_time: float = 0.0,
+    ) -> Answer[T]:
+        if not self.path.exists():
+            raise click.ClickException(
+                f"control socket {self.path} not found: is 'corral serve' running?"
+            )
+        where = f"on {self.path}"
+        status, raw = _request(
+            method,
+            f"http://corral{path}",
+            self.timeout + extra_time,
+            where,
+            unix_socket=self.path,
+            params=params,
+        )
+        answer = _decode(kind, status, raw, where)
+        if isinstance(answer, Refused):
+            raise click.ClickException(answer.error)
+        return answer
+
+
+def http_base(config: Config) -> str:
+    """The URL of the HTTP channel, as seen from this host."""
+    host, port = split_listen(config.channels.http.listen, "channels.http.listen")
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def post_message(
+    config: Config,
+    session: str,
+    text: str,
+    message_id: str | None,
+    wait: float | None,
+    timeout: float,
+) -> Answer[MessageResult] | Refused:
+    """POST a message to the HTTP channel; with `wait`, corral holds the answer up to
+    `wait` seconds for the replies, so the deadline is `timeout` on top of it."""
+    base = http_base(config)
+    body = {"session": session, "text": text}
+    if message_id:
+        body["id"] = message_id
+    headers = {}
+    if token := os.environ.get("CORRAL_TOKEN") or config.channels.http.token:
+        headers["Authorization"] = f"Bearer {token}"
+    where = f"at {base}"
+    status, raw = _request(
+        "POST",
+        base + "/v1/messages",
+        timeout + (wait or 0),
+        where,
+        json=body,
+        params={"wait": str(wait)} if wait is not None else {},
+        headers=headers,
+    )
+    return _decode(MessageResult, status, raw, where)

@@ -1,0 +1,124 @@
+"""How the `corral` commands print answers for people (and, with `--json`, for scripts)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from corral.protocol.control import SessionInfo, Status
+
+
+def as_json(plain: Any) -> str:
+    return json.dumps(plain)
+
+
+def fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def fmt_secs(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def fmt_until(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+SESSION_COLUMNS = (
+    "SESSION",
+    "STATE",
+    "PID",
+    "RSS",
+    "CPU",
+    "AGE",
+    "TURN",
+    "QUEUE",
+    "RESTARTS",
+    "LAST-EXIT",
+)
+
+
+def session_row(s: SessionInfo) -> tuple[str, ...]:
+    return (
+        s.session,
+        s.state,
+        str(s.pid or "-"),
+        fmt_bytes(s.rss),
+        f"{s.cpu:.1f}s" if s.pid else "-",
+        fmt_secs(s.age),
+        fmt_secs(s.turn_age),
+        str(s.queue),
+        str(s.restarts),
+        s.last_exit or "-",
+    )
+
+
+def session_table(sessions: list[SessionInfo]) -> list[str]:
+    """`corral ls`: a header and a row per session, in columns two spaces apart."""
+    rows = [SESSION_COLUMNS, *(session_row(s) for s in sessions)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(SESSION_COLUMNS))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def fields(shown: dict[str, object], width: int) -> list[str]:
+    """`key:` padded to `width`, then the value; a line each."""
+    return [f"{key + ':':<{width}}{value}" for key, value in shown.items()]
+
+
+def session_fields(s: SessionInfo) -> list[str]:
+    """`corral show SESSION`."""
+    return fields(
+        {
+            "session": s.session,
+            "state": s.state,
+            "pid": s.pid or "-",
+            "rss": fmt_bytes(s.rss),
+            "cpu": f"{s.cpu:.2f}s",
+            "processes": s.processes,
+            "age": fmt_secs(s.age),
+            "turn": s.turn or "-",
+            "turn age": fmt_secs(s.turn_age),
+            "attempt": s.attempt or "-",
+            "queue": s.queue,
+            "restarts": s.restarts,
+            "last exit": s.last_exit or "-",
+            "scheduling": "idle (since a CPU-heavy turn or a broken bound)"
+            if s.demoted
+            else "normal",
+            "quarantined until": fmt_until(s.quarantined_until),
+        },
+        19,
+    )
+
+
+def status_fields(st: Status) -> list[str]:
+    """`corral status`."""
+    workers = ", ".join(f"{n} {state}" for state, n in st.workers.items() if n) or "none"
+    return fields(
+        {
+            "pid": st.pid,
+            "version": st.version,
+            "uptime": fmt_secs(st.uptime),
+            "state": "draining" if st.draining else "serving",
+            "agent": st.agent,
+            "state dir": st.state_dir,
+            "zygote pid": st.zygote_pid or "-",
+            "sessions": f"{st.sessions} ({workers})",
+            "inbox": st.inbox,
+            "loop lag": f"{st.loop_lag * 1000:.1f}ms "
+            f"(max {st.loop_lag_max * 1000:.1f}ms in the last minute)",
+        },
+        12,
+    )
