@@ -60,8 +60,8 @@ class ErrorBody(msgspec.Struct):
     error: str
 
 
-# The HTTP channel's answer to POST /v1/messages, read by `corral send`. The same
-# shape as `supervisor/channels/http.py` writes; that module could import these.
+# The HTTP channel's answer to POST /v1/messages, written by supervisor/channels/http.py
+# and read by `corral send`.
 
 
 class ReplyOut(msgspec.Struct):

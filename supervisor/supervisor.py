@@ -16,8 +16,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import msgspec
-
 from corral.protocol import frames, procfs, spawn
 from corral.protocol.control import KillResult
 from corral.protocol.types import (
@@ -44,8 +42,6 @@ from corral.supervisor.worker import Exit, Worker, describe_exit, serve
 
 log = logging.getLogger("corral.supervisor")
 
-PIDS_MAX = 1024  # processes per worker, when cgroups are delegated: stops a fork bomb
-CPU_PERIOD = 100_000  # microseconds
 REAP_TIMEOUT = 1.0  # for the zygote's word on how a dead worker ended
 KILL_ANSWER_GRACE = 3.0  # `corral kill` answers within kill_grace + this
 DRAINED_GRACE = 0.5  # past kill_grace, for the last reaps of a drain
@@ -138,16 +134,8 @@ class Supervisor:
         if self.delegation is None:
             log.info("per-worker cgroups: not used (%s); bounds rely on sampling", why)
             return
-        rss_max = int(self.limits.rss_max)
-        self.spawner.settings = msgspec.structs.replace(
-            self.spawner.settings,
-            cgroup_workers=str(self.delegation.workers),
-            # above rss_max: the sampler names the figure first; the kernel stops what
-            # grows faster than it samples
-            memory_max=rss_max + max(16 * 2**20, rss_max // 8),
-            pids_max=PIDS_MAX,
-            cpu_max=f"{CPU_PERIOD} {CPU_PERIOD}",  # one CPU per worker
-        )
+        limits = cgroups.worker_limits(int(self.limits.rss_max))
+        self.spawner.settings = cgroups.with_cgroups(self.spawner.settings, self.delegation, limits)
         controllers = ", ".join(self.delegation.controllers) or "none"
         log.info(
             "per-worker cgroups under %s (controllers: %s)", self.delegation.workers, controllers
@@ -268,8 +256,11 @@ class Supervisor:
                 return
             await serve(w, self.max_frame, self.ready_callback(s, w), self.frame_callback(w))
             exit = await self.reap(w)
-            await self.turns.abandon(w, exit)  # its turn: an error reply, or back on drain
-            await self.crashloops.record(s.key, exit.reason)
+            await self.crashloops.record(s.key, exit.reason)  # may quarantine the session
+            # its turn: an error reply, or back in the queue on drain; nothing is awaited
+            # from the turn's answer to the `finally`, so whoever sees the answer finds
+            # the worker gone from `corral ls` and /metrics
+            await self.turns.abandon(w, exit)
         except Exception:
             # the store failed: the message stays pending for the next start; the
             # bookkeeping below must happen regardless, or the session is wedged

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
+from corral.protocol.control import MessageResult, ReplyOut
 from corral.protocol.types import (
     ERROR,
     HTTP_CHANNEL,
@@ -45,18 +46,6 @@ class WebhookMessage(msgspec.Struct, forbid_unknown_fields=True):
     thread: str = ""
     user: str = ""
     account: str = ""
-
-
-class ReplyOut(msgspec.Struct):
-    text: str
-    kind: str
-
-
-class MessageResult(msgspec.Struct):
-    id: str
-    session: str
-    status: str
-    replies: list[ReplyOut] | msgspec.UnsetType = msgspec.UNSET
 
 
 class PolledReply(msgspec.Struct):
