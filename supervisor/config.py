@@ -91,6 +91,12 @@ class MetricsConfig(_Section):
     listen: str = "127.0.0.1:9464"
 
 
+class StoreConfig(_Section):
+    # empty: SQLite in state_dir; "postgresql://user@host:5432/db": PostgreSQL (a cluster).
+    # The password comes from libpq (PGPASSWORD, ~/.pgpass), so the URL needs none.
+    url: str = ""
+
+
 class Config(_Section):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -98,6 +104,7 @@ class Config(_Section):
     channels: ChannelsConfig = msgspec.field(default_factory=ChannelsConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
 
     @property
     def state_path(self) -> Path:
@@ -131,7 +138,37 @@ _ENTRYPOINT_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _WEBHOOK_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+_USERINFO_RE = re.compile(r"(^|://)([^/@:\s]*):[^/@\s]*@")
+_PASSWORD_PARAM_RE = re.compile(r"(^|[?&\s])password\s*=\s*('(?:[^'\\]|\\.)*'|[^&\s]*)")
+
+
+def redact_url(url: str) -> str:
+    """A store URL (or libpq key=value string) as it may be shown: passwords made ***."""
+    url = _USERINFO_RE.sub(lambda m: f"{m[1]}{m[2]}:***@", url)
+    return _PASSWORD_PARAM_RE.sub(lambda m: f"{m[1]}password=***", url)
+
+
+def _validate_store(store: StoreConfig) -> None:
+    url = store.url
+    if url and not re.fullmatch(r"postgres(ql)?://[^\s]*", url):
+        raise ConfigError(
+            'store.url: expected "" (SQLite in supervisor.state_dir) or '
+            f'"postgresql://user@host:5432/db", got {redact_url(url)!r}'
+        )
+    if url:
+        from psycopg.conninfo import conninfo_to_dict  # only a PostgreSQL store needs it
+
+        try:
+            conninfo_to_dict(url)
+        except Exception:  # libpq's message may quote the password: not shown
+            raise ConfigError(
+                f"store.url: libpq cannot parse {redact_url(url)!r} "
+                "(check its %-escapes and ?key=value parameters)"
+            ) from None
+
+
 def _validate(cfg: Config) -> None:
+    _validate_store(cfg.store)
     if not _ENTRYPOINT_RE.fullmatch(cfg.agent.entrypoint):
         raise ConfigError(
             f'agent.entrypoint: expected "package.module:callable", got {cfg.agent.entrypoint!r}'

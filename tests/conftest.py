@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.harness import STARTED, Corral
+from tests.pg import pg_empty_url, pg_server, pg_template, pg_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
