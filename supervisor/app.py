@@ -17,9 +17,10 @@ from corral.supervisor.channels.http import HttpChannel
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.metrics import MetricsServer
+from corral.supervisor.nodelock import NodeLock
 from corral.supervisor.sdnotify import Notifier
 from corral.supervisor.spawner import SpawnError
-from corral.supervisor.store import Store
+from corral.supervisor.stores import AnyStore, StoreError, make_store
 from corral.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("corral")
@@ -65,12 +66,12 @@ def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
     sup.lag.on_tick.append(tick)
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config) -> AnyStore:
     # for the durability benchmark only: the same run without fsync at commit
     no_fsync = os.environ.get("CORRAL_BENCH_NO_FSYNC") == "1"
     if no_fsync:
         log.warning("CORRAL_BENCH_NO_FSYNC=1: commits are not synced; accepted is not durable")
-    return Store(config.state_path / "corral.db", durable=not no_fsync)
+    return make_store(config, durable=not no_fsync)
 
 
 async def serve(config: Config) -> int:
@@ -99,6 +100,11 @@ async def serve(config: Config) -> int:
         stack.callback(notifier.close)
         stack.push_async_callback(sup.close)
         try:
+            if config.store.url:
+                node_lock = NodeLock(config.store.url)
+                stack.push_async_callback(node_lock.release)
+                await node_lock.acquire()
+                sup.services.start("node lock", node_lock.watch)
             await sup.start()
             stack.push_async_callback(control.stop)
             await control.start()
@@ -106,7 +112,7 @@ async def serve(config: Config) -> int:
             await http.start()
             stack.push_async_callback(metrics.stop)
             await metrics.start()
-        except (SpawnError, ControlSocketBusy, OSError) as e:
+        except (SpawnError, ControlSocketBusy, StoreError, OSError) as e:
             log.error("cannot start: %s", e)
             return 2
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from corral.protocol.types import ABNORMAL_REASONS
 from corral.supervisor.config import LimitsConfig
 from corral.supervisor.services import window
-from corral.supervisor.store import SessionRecord, Store
+from corral.supervisor.store import SessionRecord
+from corral.supervisor.stores import AnyStore
 
 log = logging.getLogger("corral.supervisor")
 
@@ -31,7 +32,7 @@ def secs(s: float) -> str:
 
 class CrashLoops:
     def __init__(
-        self, store: Store, limits: LimitsConfig, on_release: Callable[[str], None]
+        self, store: AnyStore, limits: LimitsConfig, on_release: Callable[[str], None]
     ) -> None:
         self.store = store
         self.limits = limits

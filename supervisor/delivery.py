@@ -23,7 +23,8 @@ import msgspec
 from corral.protocol.types import Origin, Reply
 from corral.supervisor.config import DeliveryConfig, WebhookConfig
 from corral.supervisor.metrics import Metrics
-from corral.supervisor.store import DEAD, DELIVERED, PENDING, Store, StoredReply
+from corral.supervisor.store import DEAD, DELIVERED, PENDING, StoredReply
+from corral.supervisor.stores import AnyStore
 
 log = logging.getLogger("corral.delivery")
 
@@ -64,7 +65,7 @@ def retryable(status: int) -> bool:
 
 class WebhookDelivery:
     def __init__(
-        self, name: str, hook: WebhookConfig, cfg: DeliveryConfig, store: Store, metrics: Metrics
+        self, name: str, hook: WebhookConfig, cfg: DeliveryConfig, store: AnyStore, metrics: Metrics
     ) -> None:
         self.name = name
         self.hook = hook
@@ -139,7 +140,7 @@ class Outbox:
         self,
         channels: dict[str, WebhookConfig],
         cfg: DeliveryConfig,
-        store: Store,
+        store: AnyStore,
         metrics: Metrics,
     ) -> None:
         self.channels = {

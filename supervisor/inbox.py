@@ -18,7 +18,8 @@ from typing import Any
 
 from corral.protocol.types import ERROR, Origin, Reply
 from corral.supervisor.metrics import Metrics
-from corral.supervisor.store import FAILED, Accepted, Message, Store, StoredReply
+from corral.supervisor.store import FAILED, Accepted, Message, StoredReply
+from corral.supervisor.stores import AnyStore
 
 log = logging.getLogger("corral.supervisor")
 
@@ -53,7 +54,7 @@ class ReplyWakeups:
 
 
 class Inbox:
-    def __init__(self, store: Store, metrics: Metrics, push_channels: set[str]) -> None:
+    def __init__(self, store: AnyStore, metrics: Metrics, push_channels: set[str]) -> None:
         self.store = store
         self.metrics = metrics
         # replies to these channels are pushed by the outbox; every other channel's

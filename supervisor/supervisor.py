@@ -35,7 +35,8 @@ from corral.supervisor.procthread import ProcThread
 from corral.supervisor.services import Changes, Services, Tasks, within
 from corral.supervisor.sessions import Session, SessionTable
 from corral.supervisor.spawner import Spawner
-from corral.supervisor.store import Accepted, Message, Store
+from corral.supervisor.store import Accepted, Message
+from corral.supervisor.stores import AnyStore, make_store
 from corral.supervisor.turns import Turns
 from corral.supervisor.watchdog import LoopLag, Watchdog
 from corral.supervisor.worker import Exit, Worker, describe_exit, serve
@@ -64,10 +65,10 @@ class UnknownSession(Exception):
 
 
 class Supervisor:
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(self, config: Config, store: AnyStore | None = None) -> None:
         self.config = config
         self.limits = config.limits
-        self.store = store or Store(config.state_path / "corral.db")
+        self.store = store or make_store(config)
         self.metrics = Metrics()
         self.metrics.declare_channels([HTTP_CHANNEL, *config.channels.webhook])
         self.max_frame = (
