@@ -178,6 +178,7 @@ class Supervisor:
         return [w for w in self.sessions.workers() if w.state is SessionState.BUSY]
 
     async def close(self) -> None:
+        self.draining = True  # a task cancelled below must not start a worker on its way out
         await self.services.close()
         await self.tasks.close()
         self.crashloops.close()

@@ -9,22 +9,22 @@ is down, and a service that keeps failing makes the supervisor give up.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from corral.protocol.types import HTTP_CHANNEL, Origin
 from corral.supervisor import watchdog
-from corral.supervisor.config import LimitsConfig, parse_config
+from corral.supervisor.config import LimitsConfig
 from corral.supervisor.crashloop import CrashLoops
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.services import Services, window
 from corral.supervisor.sessions import SessionTable
 from corral.supervisor.store import SessionRecord
-from corral.supervisor.supervisor import Supervisor
 from tests.harness import REPO
 
 # ---- pure parts
@@ -150,83 +150,33 @@ def test_the_loop_tick_feeds_systemd_only_while_every_service_is_up() -> None:
     assert while_down == 0 and total >= 2
 
 
-# ---- a real supervisor, in this process, with a fault injected into its watchdog
+# ---- a real supervisor, in a process of its own, with a fault injected into its watchdog
 
 
-def supervisor_config(tmp: Path) -> Any:
-    return parse_config(
-        f"""
-[supervisor]
-state_dir = "{tmp / "state"}"
-kill_grace = "1s"
-drain_timeout = "1s"
-[agent]
-entrypoint = "corral.worker.agents.chaos:agent"
-[limits]
-rss_max = "150MiB"
-"""
+def run_scenario(name: str, tmp: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.inprocess", name, str(tmp / "state")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
 
 
-@pytest.fixture
-def importable_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    assert sys.executable
+def test_a_watchdog_that_raises_is_restarted_and_memory_is_still_bounded(tmp_path: Path) -> None:
+    result = run_scenario("watchdog_recovers", tmp_path)
+    assert result["failures"] == 2 and result["restarts"] == 2
+    assert result["ended"] and len(result["texts"]) == 1
+    text = result["texts"][0]
+    assert "memory limit exceeded" in text and text.endswith("[rss_limit]")
 
 
-def test_a_watchdog_that_raises_is_restarted_and_memory_is_still_bounded(
-    tmp_path: Path, importable_repo: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    failures = 0
-    real = watchdog.sample_all
-
-    def fails_twice(pids: list[int]) -> list[Any]:
-        nonlocal failures
-        if failures < 2:
-            failures += 1
-            raise OSError("injected: /proc could not be read")
-        return real(pids)
-
-    monkeypatch.setattr(watchdog, "sample_all", fails_twice)
-
-    async def scenario() -> tuple[bool, list[str], int]:
-        sup = Supervisor(supervisor_config(tmp_path))
-        await sup.start()
-        try:
-            accepted = await sup.accept("big", "balloon 300; hang", Origin(channel=HTTP_CHANNEL))
-            ended, replies = await sup.inbox.wait_turn(accepted.message.id, 60)
-            return ended, [r.text for r in replies], sup.services.restarts["watchdog"]
-        finally:
-            await sup.drain()
-            await sup.close()
-
-    ended, texts, restarts = asyncio.run(scenario())
-    assert failures == 2
-    assert restarts == 2
-    assert ended and len(texts) == 1
-    assert "memory limit exceeded" in texts[0] and texts[0].endswith("[rss_limit]")
-
-
-def test_a_watchdog_that_keeps_failing_stops_the_supervisor(
-    tmp_path: Path, importable_repo: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def always(pids: list[int]) -> list[Any]:
-        raise OSError("injected: /proc is gone")
-
-    monkeypatch.setattr(watchdog, "sample_all", always)
-
-    async def scenario() -> tuple[str | None, bool]:
-        sup = Supervisor(supervisor_config(tmp_path))
-        await sup.start()
-        try:
-            # something to sample, so the watchdog runs into the fault
-            await sup.accept("s", "hang", Origin(channel=HTTP_CHANNEL))
-            await asyncio.wait_for(sup.wait_stop_requested(), 60)
-            return sup.fatal, sup.services.healthy()
-        finally:
-            await sup.drain()
-            await sup.close()
-
-    fatal, healthy = asyncio.run(scenario())
-    assert fatal is not None and "service watchdog failed" in fatal
-    assert not healthy
+def test_a_watchdog_that_keeps_failing_stops_the_supervisor(tmp_path: Path) -> None:
+    result = run_scenario("never_recovers", tmp_path)
+    assert result["fatal"] is not None and "service watchdog failed" in result["fatal"]
+    assert not result["healthy"]
