@@ -12,14 +12,27 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 MARK = "CORRAL_TEST_MARK"
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.1) -> T:
+    """Poll `predicate` until it returns something true; that value. Fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # ends when the predicate holds or at the deadline
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
 
 
 def free_port() -> int:
@@ -61,7 +74,9 @@ class Corral:
         self.mark = uuid.uuid4().hex
         self.config_path = tmp / "corral.toml"
         tables: dict[str, dict[str, Any]] = {
-            "supervisor": {"state_dir": str(self.state), "kill_grace": "2s"},
+            # drain_timeout: a test that stops corral with a turn running waits 2 s for
+            # it, not the 30 s default (tests of the drain set their own)
+            "supervisor": {"state_dir": str(self.state), "kill_grace": "2s", "drain_timeout": "2s"},
             "agent": {"entrypoint": agent},
             "channels.http": {"listen": f"127.0.0.1:{self.port}"},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},

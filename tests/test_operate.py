@@ -14,19 +14,9 @@ import time
 
 import psutil
 
-from tests.harness import Corral
+from tests.harness import Corral, wait_for
 
 CHAOS = "corral.worker.agents.chaos:agent"
-
-
-def wait_for(predicate, timeout=20.0, interval=0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_ls_json_shows_every_live_worker_with_pid_state_and_rss(corral):
