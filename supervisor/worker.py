@@ -35,6 +35,9 @@ log = logging.getLogger("corral.supervisor")
 
 HELLO_TIMEOUT = 30.0
 AFTER_DEATH = 1.0  # seconds to read what a dead worker wrote (a stray may hold the socket)
+# seconds for a worker that closed its socket to be gone: a dying worker at SCHED_IDLE on a
+# busy machine can take over a second, and must not be reported as a protocol error
+DEATH_AFTER_EOF = 3.0
 SURVIVE_SIGKILL = 5.0  # seconds past kill_grace after which a worker is given up on
 QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN)
 
@@ -266,7 +269,7 @@ async def serve(
         w.stop(ExitReason.CRASHED, "an internal error in the supervisor")
     finally:
         w._read_scope = None  # its block has ended: a death must not touch it
-    if not await within(AFTER_DEATH, w.dead.wait()):
+    if not await within(DEATH_AFTER_EOF, w.dead.wait()):
         w.stop(ExitReason.PROTOCOL_ERROR, "the worker closed its socket but kept running")
         if not await within(w.kill_grace + SURVIVE_SIGKILL, w.dead.wait()):
             log.error("session %s: worker %d survived SIGKILL; giving up on it", w.session, w.pid)
