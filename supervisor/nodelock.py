@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from corral.supervisor.store_pg import StoreError, redact
+from corral.supervisor.pg_schema import StoreError, redact
 
 log = logging.getLogger("corral.supervisor")
 

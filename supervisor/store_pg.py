@@ -41,7 +41,16 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from corral.protocol.types import ERROR, Origin, Reply, reply_id
-from corral.supervisor.config import redact_url
+from corral.supervisor.pg_schema import (
+    LATEST,
+    MIGRATIONS,
+    SchemaMismatch,
+    StoreError,
+    StoreUnavailable,
+    migrate,
+    redact,
+    schema_version,
+)
 from corral.supervisor.store import (
     FETCHED,
     PENDING,
@@ -55,11 +64,6 @@ from corral.supervisor.store import (
 log = logging.getLogger("corral.store")
 T = TypeVar("T")
 
-SCHEMA: Final = "corral"
-# pg_advisory_xact_lock key that serialises migrations of every corral on one database
-# ("corral" in ASCII)
-MIGRATION_LOCK: Final = 0x636F7272616C
-MIGRATION_LOCK_WAIT: Final = "60s"
 GROUP_MAX: Final = 512
 
 # libpq parameters corral sets unless the URL sets them: a dead server or a half-open
@@ -74,72 +78,9 @@ CONNECT_DEFAULTS: Final[dict[str, str | int]] = {
     "application_name": "corral",
 }
 
-# Each migration runs once, in order, in the migration transaction; append only.
-MIGRATIONS: Final[list[tuple[int, str]]] = [
-    (
-        1,
-        """
-CREATE TABLE corral.messages (
-    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id text NOT NULL UNIQUE,
-    session text NOT NULL,
-    text bytea NOT NULL,
-    origin text NOT NULL,
-    accepted_at double precision NOT NULL,
-    attempts integer NOT NULL DEFAULT 0,
-    state text NOT NULL DEFAULT 'pending',
-    finished_at double precision
-);
-CREATE INDEX messages_pending ON corral.messages (state, seq);
-CREATE TABLE corral.replies (
-    cursor bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id text NOT NULL UNIQUE,
-    message_id text NOT NULL,
-    session text NOT NULL,
-    idx integer NOT NULL,
-    text bytea NOT NULL,
-    kind text NOT NULL,
-    channel text NOT NULL,
-    origin text NOT NULL,
-    created_at double precision NOT NULL,
-    delivery text NOT NULL DEFAULT 'pending',
-    attempts integer NOT NULL DEFAULT 0,
-    next_attempt_at double precision NOT NULL DEFAULT 0,
-    last_error text
-);
-CREATE INDEX replies_by_session ON corral.replies (session, channel, cursor);
-CREATE INDEX replies_by_message ON corral.replies (message_id, idx);
-CREATE INDEX replies_undelivered ON corral.replies (delivery, next_attempt_at);
-CREATE TABLE corral.sessions (
-    key text PRIMARY KEY,
-    quarantined_until double precision,
-    restarts integer NOT NULL DEFAULT 0,
-    last_exit text
-);
-""",
-    ),
-]
-LATEST: Final = MIGRATIONS[-1][0]
 
 _origin_encode = msgspec.json.Encoder().encode
 _origin_decode = msgspec.json.Decoder(Origin).decode
-
-
-class StoreError(Exception):
-    """The database cannot be used: the message names `store.url`, without a password."""
-
-
-class StoreUnavailable(StoreError):
-    """The database cannot be reached (at start, or lost while serving)."""
-
-
-class SchemaMismatch(StoreError):
-    """The database holds a corral schema this corral does not know."""
-
-
-def redact(url: str) -> str:
-    """The URL (or key=value string) as it may be shown: any password replaced by ***."""
-    return redact_url(url)
 
 
 _STOP = object()
@@ -579,63 +520,6 @@ class PgStore:
 
 # ---- schema
 
-
-def schema_version(conn: psycopg.Connection[Any]) -> int | None:
-    """The corral schema version of the database; None when it has none yet."""
-    row = conn.execute("SELECT to_regclass('corral.schema_version')").fetchone()
-    if row is None or row[0] is None:
-        return None
-    (version,) = conn.execute("SELECT max(version) FROM corral.schema_version").fetchone() or (
-        None,
-    )
-    return None if version is None else int(version)
-
-
-def migrate(conn: psycopg.Connection[Any]) -> int:
-    """Bring corral's schema to LATEST; the version found before. `conn` is in autocommit.
-
-    One transaction under a transaction-scoped advisory lock: a second node starting
-    at the same moment waits for the first and then finds nothing to do. Objects are
-    created only where missing, so a role without CREATE on the database can run
-    corral once an administrator has migrated.
-    """
-    conn.execute("BEGIN")
-    try:
-        conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_WAIT}'")
-        conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        found = schema_version(conn)
-        if found is not None and found > LATEST:
-            raise SchemaMismatch(
-                f"store.url: the database's corral schema is version {found}, newer than this "
-                f"corral knows ({LATEST}): upgrade corral on this node (every node of a cluster "
-                "runs the same version), or point store.url at another database"
-            )
-        if found is None:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (SCHEMA,)
-            ).fetchone()
-            if exists is None:
-                conn.execute(f"CREATE SCHEMA {SCHEMA}")
-            conn.execute(
-                "CREATE TABLE corral.schema_version (version integer PRIMARY KEY, "
-                "applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-        for version, sql in MIGRATIONS:
-            if found is None or version > found:
-                conn.execute(sql)
-                conn.execute("INSERT INTO corral.schema_version (version) VALUES (%s)", (version,))
-                log.info("store: corral schema migrated to version %d", version)
-        conn.execute("COMMIT")
-    except BaseException:
-        if not conn.closed:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-        raise
-    return found or 0
-
-
-# ---- rows
 
 _MESSAGE_COLUMNS = "seq, id, session, text, origin, attempts, state"
 _REPLY_COLUMNS = (
