@@ -163,8 +163,14 @@ class ControlServer:
 
     async def show(self, request: web.Request) -> web.Response:
         key = self._session_key(request)
-        stored = await _stored(self.sup.store.session_summaries(key))
-        if self.sup.sessions.get(key) is None and not stored:
+        live = self.sup.sessions.get(key) is not None
+        try:
+            stored = await _stored(self.sup.store.session_summaries(key))
+        except Refusal:
+            if not live:
+                raise
+            stored = []  # a live session is shown without the store's part
+        if not live and not stored:
             return _error(
                 404,
                 f"no session {request.match_info['session']!r}: no worker, nothing queued, "
