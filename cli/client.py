@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -20,10 +21,13 @@ import click
 import msgspec
 
 from corral.protocol.control import (
+    DeadLetterList,
     DrainResult,
     ErrorBody,
+    History,
     KillResult,
     MessageResult,
+    RetryResult,
     SessionInfo,
     SessionList,
     Status,
@@ -31,6 +35,11 @@ from corral.protocol.control import (
 from corral.supervisor.config import Config, split_listen
 
 DEFAULT_TIMEOUT = 5.0
+# exit codes of every client command (documented in `corral --help` and the README)
+EXIT_OK = 0
+EXIT_FAILED = 1  # corral refused, could not be reached, or the turn ended with an error
+EXIT_USAGE = 2  # bad options or arguments (click's own code)
+EXIT_PENDING = 3  # `send --wait`: no reply within the wait; the message is still queued
 
 T = TypeVar("T")
 
@@ -59,9 +68,11 @@ def _request(
     deadline: float,
     where: str,
     unix_socket: Path | None = None,
+    notice: tuple[float, Callable[[], None]] | None = None,
     **kwargs: Any,
 ) -> tuple[int, bytes]:
-    """The status and body of one request; `where` names the server in messages."""
+    """The status and body of one request; `where` names the server in messages.
+    With `notice` (seconds, callback), the callback runs if no answer came by then."""
 
     async def go() -> tuple[int, bytes]:
         connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket else None
@@ -70,8 +81,16 @@ def _request(
             async with http.request(method, url, **kwargs) as resp:
                 return resp.status, await resp.read()
 
+    async def noticed() -> tuple[int, bytes]:
+        task = asyncio.ensure_future(go())
+        if notice is not None:
+            done, _ = await asyncio.wait({task}, timeout=notice[0])
+            if not done:
+                notice[1]()
+        return await task
+
     try:
-        return asyncio.run(go())
+        return asyncio.run(noticed())
     except TimeoutError:  # first: a TimeoutError is an OSError, but corral is there
         raise click.ClickException(f"corral did not answer within {deadline:g}s {where}") from None
     except (aiohttp.ClientError, OSError) as e:
@@ -126,14 +145,38 @@ class ControlClient:
     def session(self, session: str) -> Answer[SessionInfo]:
         return self._call(SessionInfo, "GET", f"/v1/sessions/{_quote(session)}")
 
-    def kill(self, session: str, force: bool) -> Answer[KillResult]:
+    def sessions_all(self) -> Answer[SessionList]:
+        return self._call(SessionList, "GET", "/v1/sessions", {"all": "1"})
+
+    def history(self, session: str, limit: int | None) -> Answer[History]:
+        params = {"limit": str(limit)} if limit is not None else None
+        return self._call(History, "GET", f"/v1/sessions/{_quote(session)}/history", params)
+
+    def dead_letters(self, limit: int | None) -> Answer[DeadLetterList]:
+        params = {"limit": str(limit)} if limit is not None else None
+        return self._call(DeadLetterList, "GET", "/v1/dead-letters", params)
+
+    def retry_dead_letters(self, ids: list[str], every: bool) -> Answer[RetryResult]:
+        body = {"all": True} if every else {"ids": ids}
+        return self._call(RetryResult, "POST", "/v1/dead-letters/retry", json=body)
+
+    def kill(
+        self,
+        session: str,
+        force: bool,
+        kill_grace: float | None = None,
+        notice: tuple[float, Callable[[], None]] | None = None,
+    ) -> Answer[KillResult]:
+        """corral answers once the worker is reaped: up to `kill_grace` (the server's,
+        from `status`; else this config's) after SIGTERM."""
+        grace = float(self.config.supervisor.kill_grace) if kill_grace is None else kill_grace
         return self._call(
             KillResult,
             "POST",
             f"/v1/sessions/{_quote(session)}/kill",
             {"force": "1"} if force else None,
-            # corral answers once the worker is reaped: up to kill_grace after SIGTERM
-            extra_time=float(self.config.supervisor.kill_grace) + 3,
+            extra_time=grace + 3,
+            notice=notice,
         )
 
     def release(self, session: str) -> Answer[SessionInfo]:
@@ -157,6 +200,8 @@ class ControlClient:
         path: str,
         params: dict[str, str] | None = None,
         extra_time: float = 0.0,
+        notice: tuple[float, Callable[[], None]] | None = None,
+        json: Any = None,
     ) -> Answer[T]:
         if not self.path.exists():
             raise click.ClickException(
@@ -169,7 +214,9 @@ class ControlClient:
             self.timeout + extra_time,
             where,
             unix_socket=self.path,
+            notice=notice,
             params=params,
+            json=json,
         )
         answer = _decode(kind, status, raw, where)
         if isinstance(answer, Refused):

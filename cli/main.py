@@ -11,7 +11,14 @@ import click
 import msgspec
 
 from corral.cli import render
-from corral.cli.client import DEFAULT_TIMEOUT, ControlClient, Refused, post_message
+from corral.cli.client import (
+    DEFAULT_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_PENDING,
+    ControlClient,
+    Refused,
+    post_message,
+)
 from corral.supervisor.config import Config, ConfigError, load_config
 from corral.supervisor.logs import logging_to_stderr
 
@@ -46,11 +53,58 @@ def timeout_option(f: F) -> F:
     )(f)
 
 
+JSON_ERRORS = "corral.json_errors"
+
+
+def _wants_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_ERRORS] = True  # eager: known before any other option can fail
+    return value
+
+
 def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        is_eager=True,
+        callback=_wants_json,
+        help='Print JSON for scripts (errors too: {"error": ...} on stdout).',
+    )(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Corral(click.Group):
+    """With --json, a command's error is printed as {"error": MESSAGE} on stdout,
+    with the exit code it has without --json."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            if not ctx.meta.get(JSON_ERRORS):
+                raise
+            click.echo(render.as_json({"error": e.format_message()}))
+            raise click.exceptions.Exit(e.exit_code) from None
+
+
+EPILOG = f"""\b
+Exit codes:
+  0  done
+  {EXIT_FAILED}  failed: corral refused (unknown session, bad key, ...), could not be
+     reached or did not answer within --timeout; `send`: the turn ended with an error
+  2  bad options or arguments; `serve`: could not start
+  {EXIT_PENDING}  `send --wait`: no reply within the wait (the message is still queued)
+With --json, errors are {{"error": MESSAGE}} on stdout, with the same exit codes.
+
+\b
+Shell completion (bash; zsh and fish alike):
+  eval "$(_CORRAL_COMPLETE=bash_source corral)"    # in ~/.bashrc
+  eval "$(_CORRAL_COMPLETE=zsh_source corral)"     # in ~/.zshrc
+  _CORRAL_COMPLETE=fish_source corral > ~/.config/fish/completions/corral.fish
+"""
+
+
+@click.group(cls=Corral, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(package_name="corral")
 def main() -> None:
     """corral: every AI-agent chat session in its own bounded worker process."""
@@ -86,7 +140,7 @@ def serve(config: Config, log_level: str) -> None:
 @click.option(
     "--id", "message_id", metavar="ID", help="Idempotency key: the same id twice is one message."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the response body as JSON.")
+@json_option
 @click.option(
     "--timeout",
     type=float,
@@ -111,7 +165,7 @@ def send(
             click.echo(render.as_json(answer.plain))
         else:
             click.echo(f"error {answer.status}: {answer.error}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     result = answer.body
     if as_json:
         click.echo(render.as_json(answer.plain))
@@ -126,22 +180,29 @@ def send(
                 f"no reply within {wait:g}s (message {result.id} is still queued or running)",
                 err=True,
             )
-            sys.exit(3)
+            sys.exit(EXIT_PENDING)
     if result.status == "error":
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command(name="ls")
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Also sessions the store knows with no worker (restarts, last exit, last message).",
+)
 @config_option
 @timeout_option
 @json_option
-def ls(config: Config, timeout: float, as_json: bool) -> None:
+def ls(every: bool, config: Config, timeout: float, as_json: bool) -> None:
     """List sessions with a worker or queued messages."""
-    answer = ControlClient(config, timeout).sessions()
+    client = ControlClient(config, timeout)
+    answer = client.sessions_all() if every else client.sessions()
     if as_json:
         click.echo(render.as_json(answer.plain))
         return
-    for line in render.session_table(answer.body.sessions):
+    for line in render.session_table(answer.body.sessions, stored=every):
         click.echo(line)
 
 
@@ -151,13 +212,73 @@ def ls(config: Config, timeout: float, as_json: bool) -> None:
 @timeout_option
 @json_option
 def show(session: str, config: Config, timeout: float, as_json: bool) -> None:
-    """Show one session in detail."""
+    """Show one session in detail (live, or as the store knows it)."""
     answer = ControlClient(config, timeout).session(session)
     if as_json:
         click.echo(render.as_json(answer.plain))
         return
     for line in render.session_fields(answer.body):
         click.echo(line)
+
+
+@main.command()
+@click.argument("session")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    metavar="N",
+    help="The last N messages (default 50), with their replies.",
+)
+@config_option
+@timeout_option
+@json_option
+def history(session: str, limit: int | None, config: Config, timeout: float, as_json: bool) -> None:
+    """Show a session's messages and replies, oldest first."""
+    answer = ControlClient(config, timeout).history(session, limit)
+    if as_json:
+        click.echo(render.as_json(answer.plain))
+        return
+    for line in render.history_lines(answer.body.entries):
+        click.echo(line)
+
+
+@main.group(name="dead-letters", invoke_without_command=True)
+@config_option
+@timeout_option
+@json_option
+@click.pass_context
+def dead_letters(ctx: click.Context, config: Config, timeout: float, as_json: bool) -> None:
+    """List replies that could not be delivered (`retry` puts them back)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    answer = ControlClient(config, timeout).dead_letters(None)
+    if as_json:
+        click.echo(render.as_json(answer.plain))
+        return
+    for line in render.dead_letter_table(answer.body.dead_letters):
+        click.echo(line)
+
+
+@dead_letters.command(name="retry")
+@click.argument("ids", nargs=-1, metavar="REPLY_ID...")
+@click.option("--all", "every", is_flag=True, help="Every dead letter of a configured channel.")
+@config_option
+@timeout_option
+@json_option
+def retry(ids: tuple[str, ...], every: bool, config: Config, timeout: float, as_json: bool) -> None:
+    """Put dead letters back into delivery, due now, with fresh attempts."""
+    if every == bool(ids):
+        raise click.UsageError("name reply ids or give --all (not both)")
+    answer = ControlClient(config, timeout).retry_dead_letters(list(ids), every)
+    result = answer.body
+    if as_json:
+        click.echo(render.as_json(answer.plain))
+    else:
+        click.echo(f"retrying {len(result.retried)} replies")
+        for reply in result.not_retried:
+            click.echo(f"{reply}: not dead-lettered, or its channel is not configured", err=True)
+    if result.not_retried:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -172,7 +293,24 @@ def show(session: str, config: Config, timeout: float, as_json: bool) -> None:
 @json_option
 def kill(session: str, force: bool, config: Config, timeout: float, as_json: bool) -> None:
     """Stop a session's worker (its running turn gets an error reply)."""
-    answer = ControlClient(config, timeout).kill(session, force)
+    client = ControlClient(config, timeout)
+    notice = None
+    grace = None
+    if not force:
+        # the server's kill_grace: its config may not be this command's
+        grace = client.status().body.kill_grace
+        shown = float(config.supervisor.kill_grace) if grace is None else grace
+        wait = min(1.0, shown / 2)
+
+        def waiting() -> None:
+            click.echo(
+                f"{session}: the worker has not exited {wait:g}s after SIGTERM; waiting, "
+                f"SIGKILL follows {shown:g}s after SIGTERM (kill_grace)",
+                err=True,
+            )
+
+        notice = (wait, waiting)
+    answer = client.kill(session, force, grace, notice)
     result = answer.body
     if as_json:
         click.echo(render.as_json(answer.plain))
@@ -180,7 +318,7 @@ def kill(session: str, force: bool, config: Config, timeout: float, as_json: boo
         click.echo(f"killed {result.session} (worker {result.pid})")
     else:
         click.echo(f"worker {result.pid} of {result.session} is still stopping", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()

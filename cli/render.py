@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from corral.protocol.control import SessionInfo, Status
+from corral.protocol.control import DeadLetterInfo, HistoryEntry, SessionInfo, Status
 
 
 def as_json(plain: Any) -> str:
@@ -34,6 +34,12 @@ def fmt_secs(s: float | None) -> str:
 
 def fmt_until(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def fmt_ago(t: float | None, now: float | None = None) -> str:
+    if t is None:
+        return "-"
+    return f"{fmt_secs(max(0.0, (now or time.time()) - t))} ago"
 
 
 SESSION_COLUMNS = (
@@ -65,11 +71,61 @@ def session_row(s: SessionInfo) -> tuple[str, ...]:
     )
 
 
-def session_table(sessions: list[SessionInfo]) -> list[str]:
-    """`corral ls`: a header and a row per session, in columns two spaces apart."""
-    rows = [SESSION_COLUMNS, *(session_row(s) for s in sessions)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(SESSION_COLUMNS))]
+STORED_COLUMNS = ("MESSAGES", "LAST-MESSAGE")
+
+
+def session_table(sessions: list[SessionInfo], stored: bool = False) -> list[str]:
+    """`corral ls`: a header and a row per session, in columns two spaces apart; with
+    `stored` (`ls --all`), the store's message count and last message time too."""
+    if not stored:
+        return table([SESSION_COLUMNS, *(session_row(s) for s in sessions)])
+    now = time.time()
+    rows = [session_row(s) + stored_cells(s, now) for s in sessions]
+    return table([SESSION_COLUMNS + STORED_COLUMNS, *rows])
+
+
+def stored_cells(s: SessionInfo, now: float) -> tuple[str, ...]:
+    return ("-" if s.messages is None else str(s.messages), fmt_ago(s.last_message_at, now))
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def history_lines(entries: list[HistoryEntry]) -> list[str]:
+    """`corral history`: a line per message or reply (time, kind, id, state), its text
+    indented below."""
+    lines = []
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at))
+        lines.append(f"{when}  {e.kind:<7}  {e.id}  ({e.channel}, {e.state})")
+        lines.extend(f"    {line}" for line in (e.text.splitlines() or [""]))
+    return lines
+
+
+DEAD_LETTER_COLUMNS = ("REPLY", "CHANNEL", "SESSION", "ATTEMPTS", "AGE", "LAST-ERROR")
+
+
+def dead_letter_table(rows: list[DeadLetterInfo]) -> list[str]:
+    """`corral dead-letters`: a row per reply given up on."""
+    now = time.time()
+    return table(
+        [
+            DEAD_LETTER_COLUMNS,
+            *(
+                (
+                    d.id,
+                    d.channel,
+                    d.session,
+                    str(d.attempts),
+                    fmt_secs(max(0.0, now - d.created_at)),
+                    d.last_error or "-",
+                )
+                for d in rows
+            ),
+        ]
+    )
 
 
 def fields(shown: dict[str, object], width: int) -> list[str]:
@@ -98,6 +154,8 @@ def session_fields(s: SessionInfo) -> list[str]:
             if s.demoted
             else "normal",
             "quarantined until": fmt_until(s.quarantined_until),
+            "messages": "-" if s.messages is None else s.messages,
+            "last message": fmt_until(s.last_message_at),
         },
         19,
     )

@@ -9,7 +9,7 @@ import msgspec
 
 class SessionInfo(msgspec.Struct, kw_only=True):
     session: str
-    state: str  # starting | idle | busy | stopping | quarantined
+    state: str  # starting | idle | busy | stopping | quarantined | inactive (no worker)
     pid: int | None
     rss: int  # bytes, the worker's whole process tree, as last sampled
     cpu: float  # seconds of CPU of the worker's tree
@@ -23,10 +23,56 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     last_exit: str | None
     demoted: bool  # runs SCHED_IDLE since one of its turns burned CPU
     quarantined_until: float | None  # unix time
+    # from the store: with `ls --all` and `show` (None where not asked)
+    messages: int | None = None  # messages accepted for the session, all time
+    last_message_at: float | None = None  # unix time of the last one
 
 
 class SessionList(msgspec.Struct):
     sessions: list[SessionInfo]
+
+
+class HistoryEntry(msgspec.Struct, kw_only=True):
+    """A message or one of its replies, as `corral history` shows it."""
+
+    id: str
+    kind: str  # message | reply | error
+    at: float  # unix time: accepted (a message) or stored (a reply)
+    text: str
+    in_reply_to: str | None  # a reply's message
+    channel: str
+    state: str  # a message: pending | done | error; a reply: fetched | pending | delivered | dead
+
+
+class History(msgspec.Struct):
+    session: str
+    entries: list[HistoryEntry]  # oldest first
+
+
+class DeadLetterInfo(msgspec.Struct, kw_only=True):
+    id: str  # the reply's id
+    channel: str
+    session: str
+    in_reply_to: str
+    kind: str
+    text: str
+    attempts: int
+    last_error: str | None
+    created_at: float  # unix time
+
+
+class DeadLetterList(msgspec.Struct):
+    dead_letters: list[DeadLetterInfo]  # oldest first
+
+
+class RetryRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[str] = []
+    all: bool = False
+
+
+class RetryResult(msgspec.Struct):
+    retried: list[str]  # back in delivery, due now, with fresh attempts
+    not_retried: list[str]  # asked for, but not dead-lettered or of no configured channel
 
 
 class Status(msgspec.Struct, kw_only=True):
@@ -42,6 +88,7 @@ class Status(msgspec.Struct, kw_only=True):
     inbox: int  # accepted messages whose turn has not ended
     loop_lag: float  # seconds, the last measurement
     loop_lag_max: float  # seconds, the largest in the last minute
+    kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
 
 
 class KillResult(msgspec.Struct):
@@ -58,6 +105,12 @@ class DrainResult(msgspec.Struct):
 
 class ErrorBody(msgspec.Struct):
     error: str
+
+
+class Health(msgspec.Struct):
+    """GET /healthz on the HTTP channel and the metrics listener."""
+
+    status: str  # ok (200) | draining (503)
 
 
 # The HTTP channel's answer to POST /v1/messages, written by supervisor/channels/http.py

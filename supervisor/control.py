@@ -1,4 +1,5 @@
-"""The control API: HTTP+JSON on a Unix socket, for `corral ls/show/kill/release/status/drain`.
+"""The control API: HTTP+JSON on a Unix socket, for `corral ls/show/history/kill/release/
+status/drain/dead-letters`.
 
 The socket is created 0600 (or 0660 with `control_socket_mode = 0o660`): whoever
 can open it can kill sessions. A stale socket of a crashed run is replaced; a live
@@ -13,22 +14,55 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
 
-from corral.protocol.control import DrainResult, ErrorBody
+from corral.protocol.control import DrainResult, ErrorBody, RetryRequest, RetryResult
 from corral.protocol.types import InvalidSessionKey, check_session_key
 from corral.supervisor import views
 from corral.supervisor.supervisor import Supervisor, UnknownSession
 
 log = logging.getLogger("corral.control")
 _json = msgspec.json.Encoder()
+T = TypeVar("T")
+
+HISTORY_LIMIT = 50  # messages `corral history` shows by default
+DEAD_LETTER_LIMIT = 1000
+LIMIT_MAX = 100_000
 
 
 class ControlSocketBusy(Exception):
     pass
+
+
+class Refusal(Exception):
+    """Answer the request with this status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _stored(query: Awaitable[T]) -> T:
+    """A store query's answer; a store that cannot answer is a 503 that says so."""
+    try:
+        return await query
+    except Exception as e:
+        log.error("control: a store query failed: %s", e)
+        raise Refusal(503, f"the store cannot answer: {e}") from None
+
+
+def _limit(request: web.Request, default: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= LIMIT_MAX:
+        raise Refusal(400, f"limit must be a whole number from 1 to {LIMIT_MAX}, got {raw!r}")
+    return int(raw)
 
 
 def _respond(body: msgspec.Struct, status: int = 200) -> web.Response:
@@ -77,15 +111,29 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.refusals])
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/sessions", self.list_sessions)
         r.add_get("/v1/sessions/{session}", self.show)
+        r.add_get("/v1/sessions/{session}/history", self.history)
         r.add_post("/v1/sessions/{session}/kill", self.kill)
         r.add_post("/v1/sessions/{session}/release", self.release)
         r.add_post("/v1/drain", self.drain)
+        r.add_get("/v1/dead-letters", self.dead_letters)
+        r.add_post("/v1/dead-letters/retry", self.retry_dead_letters)
         return app
+
+    @web.middleware
+    async def refusals(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Refusal as e:
+            return _error(e.status, str(e))
+        except InvalidSessionKey as e:
+            return _error(400, str(e))
 
     async def start(self) -> None:
         sock = bind_control_socket(self.path, self.mode)
@@ -108,35 +156,69 @@ class ControlServer:
         return _respond(views.status(self.sup))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        return _respond(views.session_list(self.sup))
+        if request.query.get("all", "") not in ("1", "true", "yes"):
+            return _respond(views.session_list(self.sup))
+        stored = await _stored(self.sup.store.session_summaries())
+        return _respond(views.session_list(self.sup, stored))
 
     async def show(self, request: web.Request) -> web.Response:
+        key = self._session_key(request)
+        live = self.sup.sessions.get(key) is not None
         try:
-            key = self._session_key(request)
-        except InvalidSessionKey as e:
-            return _error(400, str(e))
-        if self.sup.sessions.get(key) is None:
+            stored = await _stored(self.sup.store.session_summaries(key))
+        except Refusal:
+            if not live:
+                raise
+            stored = []  # a live session is shown without the store's part
+        if not live and not stored:
             return _error(
                 404,
-                f"no session {request.match_info['session']!r}: no worker, nothing queued",
+                f"no session {request.match_info['session']!r}: no worker, nothing queued, "
+                "and the store has no message or record of it",
             )
-        return _respond(views.session_info(self.sup, key))
+        return _respond(views.session_info(self.sup, key, stored[0] if stored else None))
+
+    async def history(self, request: web.Request) -> web.Response:
+        key = self._session_key(request)
+        items = await _stored(self.sup.store.history(key, _limit(request, HISTORY_LIMIT)))
+        return _respond(views.history(key, items))
+
+    async def dead_letters(self, request: web.Request) -> web.Response:
+        rows = await _stored(self.sup.store.dead_letters(_limit(request, DEAD_LETTER_LIMIT)))
+        return _respond(views.dead_letters(rows))
+
+    async def retry_dead_letters(self, request: web.Request) -> web.Response:
+        """Put dead letters back into delivery and wake their channels' outbox loops:
+        the store's update commits first, then the wake-up, so a loop that just looked
+        finds them on its next look."""
+        try:
+            asked = msgspec.json.decode(await request.read(), type=RetryRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise Refusal(400, f"invalid retry request: {e}") from None
+        if asked.all == bool(asked.ids):
+            raise Refusal(400, "name the replies to retry, or all of them: not both, not neither")
+        channels = list(self.sup.outbox.channels)
+        retried = await _stored(
+            self.sup.store.retry_dead_letters(None if asked.all else asked.ids, channels)
+        )
+        for stored in retried:
+            self.sup.outbox.on_reply(stored.reply)
+        ids = [r.reply.id for r in retried]
+        if ids:
+            log.info("control: %d dead letters back in delivery", len(ids))
+        done = set(ids)
+        return _respond(RetryResult(ids, [i for i in asked.ids if i not in done]))
 
     async def kill(self, request: web.Request) -> web.Response:
         force = request.query.get("force", "") in ("1", "true", "yes")
         try:
             result = await self.sup.kill_session(self._session_key(request), force)
-        except InvalidSessionKey as e:
-            return _error(400, str(e))
         except UnknownSession:
             return _error(404, f"session {request.match_info['session']!r} has no worker")
         return _respond(result)
 
     async def release(self, request: web.Request) -> web.Response:
-        try:
-            released = await self.sup.release(self._session_key(request))
-        except InvalidSessionKey as e:
-            return _error(400, str(e))
+        released = await self.sup.release(self._session_key(request))
         if not released:
             return _error(404, f"session {request.match_info['session']!r} is not quarantined")
         return _respond(views.session_info(self.sup, request.match_info["session"]))

@@ -147,13 +147,20 @@ log = logging.getLogger("corral.metrics")
 class MetricsServer:
     """GET /metrics on [metrics] listen. The loop takes a snapshot of the session table
     (cheap); the text is rendered on a thread, so a scrape of 1,000 sessions never
-    holds the loop."""
+    holds the loop. With `draining` (whether the supervisor is draining), also
+    GET /healthz: 200 {"status": "ok"}, or 503 {"status": "draining"}."""
 
     def __init__(
-        self, metrics: Metrics, rows: Callable[[], Iterable[SessionRow]], host: str, port: int
+        self,
+        metrics: Metrics,
+        rows: Callable[[], Iterable[SessionRow]],
+        host: str,
+        port: int,
+        draining: Callable[[], bool] | None = None,
     ):
         self.metrics = metrics
         self.rows = rows
+        self.draining = draining
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
@@ -161,6 +168,8 @@ class MetricsServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self.scrape)
+        if self.draining is not None:
+            app.router.add_get("/healthz", self.healthz)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=0.5).start()
@@ -170,6 +179,12 @@ class MetricsServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        assert self.draining is not None
+        if self.draining():
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ok"})
 
     async def scrape(self, request: web.Request) -> web.Response:
         self.metrics.snapshot(self.rows())

@@ -63,6 +63,7 @@ CREATE TABLE corral.sessions (
 );
 """,
     ),
+    (2, "CREATE INDEX messages_by_session ON corral.messages (session, seq);"),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
 

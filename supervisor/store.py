@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS messages (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, seq);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, seq);
 CREATE TABLE IF NOT EXISTS replies (
     cursor INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -110,6 +111,36 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     quarantined_until: float | None  # unix time
     restarts: int
     last_exit: str | None
+
+
+class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """What the store knows of a session key, live worker or not (`corral ls --all`)."""
+
+    session: str
+    messages: int  # accepted, all time
+    last_message_at: float | None  # unix time of the last accept
+    restarts: int
+    last_exit: str | None  # the last abnormal exit the store recorded
+    quarantined_until: float | None
+
+
+class HistoryItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of a session's history with its replies, in their order."""
+
+    message: Message
+    accepted_at: float
+    finished_at: float | None
+    replies: list[StoredReply]
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A reply given up on: its channel could not take it."""
+
+    reply: Reply
+    cursor: int
+    attempts: int
+    last_error: str | None
+    created_at: float
 
 
 class StoreClosed(Exception):
@@ -481,10 +512,141 @@ class Store:
 
         return await self._submit(op)
 
+    # ---- operators' queries
 
+    async def session_summaries(self, session: str | None = None) -> list[SessionSummary]:
+        """Every session key the store knows (a message or a record), by key; or only
+        `session` (empty if the store never saw it)."""
+        where_m, where_s = "", ""
+        args: tuple[str, ...] = ()
+        if session is not None:
+            where_m, where_s, args = "WHERE session = ?", "WHERE key = ?", (session,)
+
+        def op(conn: sqlite3.Connection) -> list[SessionSummary]:
+            rows = conn.execute(
+                "SELECT k.key, coalesce(m.n, 0), m.last, coalesce(s.restarts, 0), s.last_exit, "
+                "s.quarantined_until FROM "
+                f"(SELECT session AS key FROM messages {where_m} "
+                f"UNION SELECT key FROM sessions {where_s}) k "
+                "LEFT JOIN (SELECT session, count(*) AS n, max(accepted_at) AS last "
+                f"FROM messages {where_m} GROUP BY session) m ON m.session = k.key "
+                "LEFT JOIN sessions s ON s.key = k.key ORDER BY k.key",
+                args * 3,
+            ).fetchall()
+            return [_summary(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def history(self, session: str, limit: int) -> list[HistoryItem]:
+        """The session's last `limit` messages, oldest first, each with its replies."""
+
+        def op(conn: sqlite3.Connection) -> list[HistoryItem]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS}, accepted_at, finished_at FROM messages "
+                "WHERE session = ? ORDER BY seq DESC LIMIT ?",
+                (session, limit),
+            ).fetchall()
+            rows.reverse()
+            ids = [r[1] for r in rows]
+            by_message: dict[str, list[StoredReply]] = {i: [] for i in ids}
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for r in conn.execute(
+                    f"SELECT {_REPLY_COLUMNS} FROM replies WHERE message_id IN ({marks}) "
+                    "ORDER BY idx",
+                    ids,
+                ):
+                    stored = _stored_reply(r)
+                    by_message[stored.reply.in_reply_to].append(stored)
+            return [
+                HistoryItem(
+                    message=_message(r[:7]),
+                    accepted_at=r[7],
+                    finished_at=r[8],
+                    replies=by_message[r[1]],
+                )
+                for r in rows
+            ]
+
+        return await self._submit(op)
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """Replies given up on, oldest first."""
+
+        def op(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                f"SELECT {_DEAD_COLUMNS} FROM replies WHERE delivery = 'dead' "
+                "ORDER BY cursor LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [_dead_letter(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def retry_dead_letters(
+        self, ids: list[str] | None, channels: list[str]
+    ) -> list[StoredReply]:
+        """Put dead-lettered replies of `channels` (those in `ids`, or every one with
+        None) back into delivery, due now with fresh attempts; the replies put back,
+        oldest first. Replies that are not dead, or not of `channels`, are left alone."""
+
+        def op(conn: sqlite3.Connection) -> list[StoredReply]:
+            if not channels or ids == []:
+                return []
+            chosen = "" if ids is None else f"AND id IN ({','.join('?' * len(ids))})"
+            rows = conn.execute(
+                "UPDATE replies SET delivery = 'pending', attempts = 0, next_attempt_at = 0, "
+                f"last_error = NULL WHERE delivery = 'dead' "
+                f"AND channel IN ({','.join('?' * len(channels))}) {chosen} "
+                f"RETURNING {_REPLY_COLUMNS}",
+                [*channels, *(ids or [])],
+            ).fetchall()
+            return sorted((_stored_reply(r) for r in rows), key=_by_cursor)
+
+        return await self._submit(op)
+
+
+_MESSAGE_COLUMNS = "seq, id, session, text, origin, attempts, state"
 _REPLY_COLUMNS = (
     "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
 )
+
+
+_DEAD_COLUMNS = (
+    "cursor, id, message_id, session, idx, text, kind, origin, attempts, last_error, created_at"
+)
+
+
+def _summary(row: tuple[Any, ...]) -> SessionSummary:
+    key, n, last, restarts, last_exit, until = row
+    return SessionSummary(
+        session=key,
+        messages=n,
+        last_message_at=last,
+        restarts=restarts,
+        last_exit=last_exit,
+        quarantined_until=until,
+    )
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    cursor, id_, message_id, session, idx, text, kind, origin, attempts, error, created = row
+    reply = Reply(
+        id=id_,
+        in_reply_to=message_id,
+        session=session,
+        index=idx,
+        text=text,
+        kind=kind,
+        origin=_origin_decode(origin),
+    )
+    return DeadLetter(
+        reply=reply, cursor=cursor, attempts=attempts, last_error=error, created_at=created
+    )
+
+
+def _by_cursor(r: StoredReply) -> int:
+    return r.cursor
 
 
 def _message(row: tuple[Any, ...]) -> Message:
@@ -539,7 +701,10 @@ __all__ = [
     "FETCHED",
     "PENDING",
     "Accepted",
+    "DeadLetter",
+    "HistoryItem",
     "Message",
+    "SessionSummary",
     "Store",
     "StoredReply",
 ]

@@ -55,8 +55,11 @@ from corral.supervisor.store import (
     FETCHED,
     PENDING,
     Accepted,
+    DeadLetter,
+    HistoryItem,
     Message,
     SessionRecord,
+    SessionSummary,
     StoreClosed,
     StoredReply,
 )
@@ -517,6 +520,98 @@ class PgStore:
 
         return await self._submit(op)
 
+    # ---- operators' queries
+
+    async def session_summaries(self, session: str | None = None) -> list[SessionSummary]:
+        """Every session key the store knows (a message or a record), by key; or only
+        `session` (empty if the store never saw it)."""
+        where_m, where_s = "", ""
+        args: tuple[str, ...] = ()
+        if session is not None:
+            where_m, where_s, args = "WHERE session = %s", "WHERE key = %s", (session,)
+
+        def op(conn: psycopg.Connection[Any]) -> list[SessionSummary]:
+            rows = conn.execute(
+                "SELECT k.key, coalesce(m.n, 0), m.last, coalesce(s.restarts, 0), s.last_exit, "
+                "s.quarantined_until FROM "
+                f"(SELECT session AS key FROM corral.messages {where_m} "
+                f"UNION SELECT key FROM corral.sessions {where_s}) k "
+                "LEFT JOIN (SELECT session, count(*) AS n, max(accepted_at) AS last "
+                f"FROM corral.messages {where_m} GROUP BY session) m ON m.session = k.key "
+                'LEFT JOIN corral.sessions s ON s.key = k.key ORDER BY k.key COLLATE "C"',
+                args * 3,
+            ).fetchall()
+            return [_summary(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def history(self, session: str, limit: int) -> list[HistoryItem]:
+        """The session's last `limit` messages, oldest first, each with its replies."""
+
+        def op(conn: psycopg.Connection[Any]) -> list[HistoryItem]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS}, accepted_at, finished_at FROM corral.messages "
+                "WHERE session = %s ORDER BY seq DESC LIMIT %s",
+                (session, limit),
+            ).fetchall()
+            rows.reverse()
+            ids = [r[1] for r in rows]
+            by_message: dict[str, list[StoredReply]] = {i: [] for i in ids}
+            if ids:
+                for r in conn.execute(
+                    f"SELECT {_REPLY_COLUMNS} FROM corral.replies "
+                    "WHERE message_id = ANY(%s::text[]) ORDER BY idx",
+                    (ids,),
+                ).fetchall():
+                    stored = _stored_reply(r)
+                    by_message[stored.reply.in_reply_to].append(stored)
+            return [
+                HistoryItem(
+                    message=_message(r[:7]),
+                    accepted_at=r[7],
+                    finished_at=r[8],
+                    replies=by_message[r[1]],
+                )
+                for r in rows
+            ]
+
+        return await self._submit(op)
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """Replies given up on, oldest first."""
+
+        def op(conn: psycopg.Connection[Any]) -> list[DeadLetter]:
+            rows = conn.execute(
+                f"SELECT {_DEAD_COLUMNS} FROM corral.replies WHERE delivery = 'dead' "
+                "ORDER BY cursor LIMIT %s",
+                (limit,),
+            ).fetchall()
+            return [_dead_letter(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def retry_dead_letters(
+        self, ids: list[str] | None, channels: list[str]
+    ) -> list[StoredReply]:
+        """Put dead-lettered replies of `channels` (those in `ids`, or every one with
+        None) back into delivery, due now with fresh attempts; the replies put back,
+        oldest first. Replies that are not dead, or not of `channels`, are left alone."""
+
+        def op(conn: psycopg.Connection[Any]) -> list[StoredReply]:
+            if not channels or ids == []:
+                return []
+            chosen = "" if ids is None else "AND id = ANY(%s::text[])"
+            params: list[Any] = [list(channels)] + ([] if ids is None else [list(ids)])
+            rows = conn.execute(
+                "UPDATE corral.replies SET delivery = 'pending', attempts = 0, "
+                "next_attempt_at = 0, last_error = NULL WHERE delivery = 'dead' "
+                f"AND channel = ANY(%s::text[]) {chosen} RETURNING {_REPLY_COLUMNS}",
+                params,
+            ).fetchall()
+            return sorted((_stored_reply(r) for r in rows), key=_by_cursor)
+
+        return await self._submit(op)
+
 
 # ---- schema
 
@@ -525,6 +620,43 @@ _MESSAGE_COLUMNS = "seq, id, session, text, origin, attempts, state"
 _REPLY_COLUMNS = (
     "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
 )
+
+
+_DEAD_COLUMNS = (
+    "cursor, id, message_id, session, idx, text, kind, origin, attempts, last_error, created_at"
+)
+
+
+def _summary(row: tuple[Any, ...]) -> SessionSummary:
+    key, n, last, restarts, last_exit, until = row
+    return SessionSummary(
+        session=key,
+        messages=int(n),
+        last_message_at=last,
+        restarts=restarts,
+        last_exit=last_exit,
+        quarantined_until=until,
+    )
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    cursor, id_, message_id, session, idx, text, kind, origin, attempts, error, created = row
+    reply = Reply(
+        id=id_,
+        in_reply_to=message_id,
+        session=session,
+        index=idx,
+        text=bytes(text).decode(),
+        kind=kind,
+        origin=_origin_decode(origin),
+    )
+    return DeadLetter(
+        reply=reply, cursor=cursor, attempts=attempts, last_error=error, created_at=created
+    )
+
+
+def _by_cursor(r: StoredReply) -> int:
+    return r.cursor
 
 
 def _message(row: tuple[Any, ...]) -> Message:

@@ -11,10 +11,19 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from corral.protocol.control import SessionInfo, SessionList, Status
+from corral.protocol.control import (
+    DeadLetterInfo,
+    DeadLetterList,
+    History,
+    HistoryEntry,
+    SessionInfo,
+    SessionList,
+    Status,
+)
 from corral.protocol.types import SessionState
 from corral.supervisor.metrics import SessionRow
 from corral.supervisor.sessions import Session
+from corral.supervisor.store import DeadLetter, HistoryItem, SessionSummary
 
 if TYPE_CHECKING:
     from corral.supervisor.supervisor import Supervisor
@@ -31,16 +40,28 @@ def state_of(sup: Supervisor, s: Session) -> SessionState:
     return s.worker_state
 
 
-def session_info(sup: Supervisor, key: str) -> SessionInfo:
-    """What `corral show` shows; a session with nothing live shows as such."""
-    s = sup.sessions.get(key) or Session(key)
+INACTIVE = "inactive"  # the store knows the session; no worker, nothing queued
+
+
+def session_info(sup: Supervisor, key: str, stored: SessionSummary | None = None) -> SessionInfo:
+    """What `corral show` shows; a session with nothing live shows as such. `stored`
+    (the store's summary of it) adds its message count and last message time, and
+    its restarts and last exit if this run has not seen it yet."""
+    live = sup.sessions.get(key)
+    s = live or Session(key)
     now = asyncio.get_running_loop().time()
     w = s.worker
     t = w.turn if w else None
     record = sup.crashloops.records.get(key)
+    if live is None and sup.crashloops.quarantined(key) is None:
+        state: str = INACTIVE
+    else:
+        state = state_of(sup, s)
+    restarts = record.restarts if record else (stored.restarts if stored else 0)
+    last_exit = record.last_exit if record else (stored.last_exit if stored else None)
     return SessionInfo(
         session=key,
-        state=state_of(sup, s),
+        state=state,
         pid=w.pid if w else None,
         rss=w.rss if w else 0,
         cpu=w.cpu if w else 0.0,
@@ -50,15 +71,72 @@ def session_info(sup: Supervisor, key: str) -> SessionInfo:
         turn=t.message.id if t else None,
         attempt=t.attempt if t else None,
         queue=len(s.queue),
-        restarts=record.restarts if record else 0,
-        last_exit=record.last_exit if record else None,
+        restarts=restarts,
+        last_exit=last_exit,
         demoted=w.demoted if w else False,
         quarantined_until=sup.crashloops.quarantined(key),
+        messages=stored.messages if stored else None,
+        last_message_at=stored.last_message_at if stored else None,
     )
 
 
-def session_list(sup: Supervisor) -> SessionList:
-    return SessionList([session_info(sup, s.key) for s in sorted(sup.sessions, key=_key)])
+def session_list(sup: Supervisor, stored: list[SessionSummary] | None = None) -> SessionList:
+    """The live sessions; with `stored` (`ls --all`), every session the store knows too."""
+    if stored is None:
+        return SessionList([session_info(sup, s.key) for s in sorted(sup.sessions, key=_key)])
+    by_key = {r.session: r for r in stored}
+    keys = sorted({*by_key, *(s.key for s in sup.sessions)})
+    return SessionList([session_info(sup, k, by_key.get(k)) for k in keys])
+
+
+def history(key: str, items: list[HistoryItem]) -> History:
+    """`corral history`: each message, then its replies, oldest first."""
+    entries: list[HistoryEntry] = []
+    for item in items:
+        m = item.message
+        entries.append(
+            HistoryEntry(
+                id=m.id,
+                kind="message",
+                at=item.accepted_at,
+                text=m.text,
+                in_reply_to=None,
+                channel=m.origin.channel,
+                state=m.state,
+            )
+        )
+        entries.extend(
+            HistoryEntry(
+                id=r.reply.id,
+                kind=r.reply.kind,
+                at=r.created_at,
+                text=r.reply.text,
+                in_reply_to=m.id,
+                channel=r.reply.origin.channel,
+                state=r.delivery,
+            )
+            for r in item.replies
+        )
+    return History(key, entries)
+
+
+def dead_letters(rows: list[DeadLetter]) -> DeadLetterList:
+    return DeadLetterList(
+        [
+            DeadLetterInfo(
+                id=d.reply.id,
+                channel=d.reply.origin.channel,
+                session=d.reply.session,
+                in_reply_to=d.reply.in_reply_to,
+                kind=d.reply.kind,
+                text=d.reply.text,
+                attempts=d.attempts,
+                last_error=d.last_error,
+                created_at=d.created_at,
+            )
+            for d in rows
+        ]
+    )
 
 
 def _key(s: Session) -> str:
@@ -82,6 +160,7 @@ def status(sup: Supervisor) -> Status:
         inbox=sup.inbox.pending,
         loop_lag=sup.lag.lag,
         loop_lag_max=sup.lag.lag_max,
+        kill_grace=float(sup.config.supervisor.kill_grace),
     )
 
 

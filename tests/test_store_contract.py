@@ -453,3 +453,110 @@ def test_abnormal_exits_and_quarantine_are_remembered_across_restarts(backend: B
         await again.close()
 
     backend.run(body)
+
+
+# ---- operators' queries
+
+
+def test_session_summaries_know_every_session_with_messages_or_a_record(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        assert await store.session_summaries() == []
+        before = time.time()
+        for i in range(3):
+            await store.accept("talky", f"t{i}", HTTP, f"st{i}")
+        await store.accept("once", "t", HOOK, "so")
+        await store.record_abnormal_exit("talky", Reason.CRASHED)
+        await store.set_quarantine("ghost", time.time() + 60)  # a record, no message
+        await store.close()
+        again = await opened(backend.new())
+        rows = {r.session: r for r in await again.session_summaries()}
+        assert list(rows) == ["ghost", "once", "talky"]  # by key
+        talky = rows["talky"]
+        assert (talky.messages, talky.restarts, talky.last_exit) == (3, 1, "crashed")
+        assert talky.last_message_at is not None
+        assert before - 5 <= talky.last_message_at <= time.time() + 5
+        assert talky.quarantined_until is None
+        assert (rows["once"].messages, rows["once"].restarts, rows["once"].last_exit) == (
+            1,
+            0,
+            None,
+        )
+        ghost = rows["ghost"]
+        assert (ghost.messages, ghost.last_message_at) == (0, None)
+        assert ghost.quarantined_until is not None
+        assert await again.session_summaries("talky") == [talky]
+        assert await again.session_summaries("nobody") == []
+        await again.close()
+
+    backend.run(body)
+
+
+def test_history_is_a_sessions_last_messages_oldest_first_with_their_replies(
+    backend: Backend,
+) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        for i in range(4):
+            m = (await store.accept("h", f"q{i}", HOOK, f"h{i}")).message
+            await store.add_reply(m, 0, f"a{i}", "reply", push=True)
+            if i == 1:
+                await store.add_reply(m, 1, "boom \x00", ERROR, push=True)
+            await store.finish(m.id, FAILED if i == 1 else DONE)
+        await store.accept("other", "not mine", HTTP, "x0")
+        await store.accept("h", "still running", HTTP, "h4")
+        items = await store.history("h", 3)
+        assert [i.message.id for i in items] == ["h2", "h3", "h4"]
+        assert [i.message.state for i in items] == [DONE, DONE, PENDING]
+        assert [[r.reply.text for r in i.replies] for i in items] == [["a2"], ["a3"], []]
+        assert items[0].accepted_at <= items[2].accepted_at
+        assert items[0].finished_at is not None and items[2].finished_at is None
+        whole = await store.history("h", 100)
+        assert [i.message.text for i in whole] == ["q0", "q1", "q2", "q3", "still running"]
+        assert [(r.reply.text, r.reply.kind) for r in whole[1].replies] == [
+            ("a1", "reply"),
+            ("boom \x00", ERROR),
+        ]
+        assert await store.history("nobody", 10) == []
+        await store.close()
+
+    backend.run(body)
+
+
+def test_dead_letters_are_listed_and_a_retry_puts_them_back_due_now(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        for n, origin in enumerate([HOOK, HOOK, Origin(channel="gone"), HOOK]):
+            m = (await store.accept(f"s{n}", "q", origin, f"dl{n}")).message
+            await store.add_reply(m, 0, f"r{n} \x00", "reply", push=True)
+        await store.mark_delivery("dl0:0", DEAD, 5, error="HTTP 503: gave up after 5 attempts")
+        await store.mark_delivery("dl1:0", DEAD, 1, error="HTTP 400: not retried")
+        await store.mark_delivery("dl2:0", DEAD, 2, error="channel not configured")
+        await store.mark_delivery("dl3:0", DELIVERED, 1)
+        dead = await store.dead_letters(100)
+        assert [(d.reply.id, d.reply.origin.channel, d.attempts) for d in dead] == [
+            ("dl0:0", "hooks", 5),
+            ("dl1:0", "hooks", 1),
+            ("dl2:0", "gone", 2),
+        ]
+        assert dead[0].last_error == "HTTP 503: gave up after 5 attempts"
+        assert dead[0].reply.text == "r0 \x00" and dead[0].reply.origin == HOOK
+        assert [d.reply.id for d in await store.dead_letters(1)] == ["dl0:0"]
+
+        now = time.time()
+        # only dead replies of configured channels; unknown and delivered ids are left alone
+        back = await store.retry_dead_letters(["dl1:0", "dl2:0", "dl3:0", "nope"], ["hooks"])
+        assert [r.reply.id for r in back] == ["dl1:0"]
+        assert back[0].attempts == 0 and back[0].delivery == PENDING
+        assert [r.reply.id for r in await store.due_deliveries("hooks", now, 10)] == ["dl1:0"]
+        assert await store.retry_dead_letters([], ["hooks"]) == []
+        assert [r.reply.id for r in await store.retry_dead_letters(None, ["hooks"])] == ["dl0:0"]
+        assert [d.reply.id for d in await store.dead_letters(100)] == ["dl2:0"]
+        assert sorted(r.reply.id for r in await store.due_deliveries("hooks", now, 10)) == [
+            "dl0:0",
+            "dl1:0",
+        ]
+        assert await store.retry_dead_letters(None, []) == []
+        await store.close()
+
+    backend.run(body)

@@ -2,6 +2,11 @@
 
 POST /v1/messages                      accept a message (202), or with ?wait=S its replies
 GET  /v1/sessions/{session}/replies    long-poll this channel's replies of a session
+GET  /healthz                          200 {"status": "ok"} while serving, 503 draining
+
+/healthz needs no token: a load balancer's or kubelet's probe should not carry the
+channel's secret (it would sit in probe configs and their logs), and the answer tells
+nothing but "serving" or "draining". Everything else needs the token when one is set.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from corral.protocol.control import MessageResult, ReplyOut
+from corral.protocol.control import Health, MessageResult, ReplyOut
 from corral.protocol.types import (
     ERROR,
     HTTP_CHANNEL,
@@ -30,6 +35,17 @@ log = logging.getLogger("corral.http")
 CHANNEL = HTTP_CHANNEL
 MAX_WAIT = 300.0
 RETRY_AFTER_DRAINING = "5"
+
+
+HEALTH_PATH = "/healthz"
+
+
+def health(draining: bool) -> web.Response:
+    """/healthz: 503 while draining, so a load balancer stops sending before intake
+    closes for good and a probe sees the drain (not a dead process) for what it is."""
+    if draining:
+        return json_response(Health("draining"), 503, {"Retry-After": RETRY_AFTER_DRAINING})
+    return json_response(Health("ok"))
 
 
 class PostMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -116,7 +132,11 @@ class HttpChannel:
         app.router.add_post("/v1/messages", self.post_message)
         app.router.add_get("/v1/sessions/{session}/replies", self.get_replies)
         app.router.add_post("/v1/channels/{name}/messages", self.post_channel_message)
+        app.router.add_get(HEALTH_PATH, self.healthz)
         return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return health(self.sup.draining)
 
     async def start(self) -> None:
         host, port = split_listen(self.config.channels.http.listen, "channels.http.listen")
@@ -134,7 +154,7 @@ class HttpChannel:
     async def guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self.token:
+        if self.token and request.path != HEALTH_PATH:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 return error(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
