@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from typing import Any, Final
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -377,6 +378,7 @@ class Poller:
                 # not durable: the next getUpdates asks for the same updates again
                 self._failures += 1
                 self.health.errors += 1
+                self.health.state = "retrying"
                 self.health.last_error = f"accept: {type(e).__name__}: {e}"
                 log.error(
                     "%s: %d updates not accepted (%s); fetching them again",
@@ -608,6 +610,8 @@ class TelegramDelivery:
         chat = (r.origin.account, r.origin.chat)
         if outcome.state == DELIVERED:
             await self.store.mark_delivery(r.id, DELIVERED, attempts)
+            if utf16_len(r.text) > MAX_TEXT:  # sent in parts: their count is kept till now
+                await self.store.set_reply_parts_sent(r.id, 0)
             self.metrics.delivered.labels(self.name).inc()
             return
         self.metrics.delivery_failures.labels(self.name).inc()
@@ -762,3 +766,60 @@ class Typing:
             except (NetworkError, TimeoutError) as e:
                 log.debug("typing in chat %s: %s", chat, e)
             await asyncio.sleep(delay)
+
+
+# ---- everything for the supervisor to wire
+
+
+class TelegramChannel:
+    """Every configured bot: its poller, the delivery of channel "telegram", typing.
+
+    The supervisor runs `services()` as permanent background tasks, adds `delivery`
+    to the outbox under the name "telegram" (its `wake` on each new reply), calls
+    `typing.start(origin)` / `typing.stop(origin)` around turns, registers
+    `collector` with its metrics registry, shows `status()` in `corral status`, and
+    awaits `close()` after the tasks are cancelled.
+    """
+
+    def __init__(
+        self,
+        bots: Mapping[str, TelegramConfig],
+        tokens: Mapping[str, str],
+        accept: AcceptFn,
+        store: Store,
+        delivery: DeliveryConfig,
+        metrics: Metrics,
+        poll_timeout: int = POLL_TIMEOUT,
+    ) -> None:
+        # sends (replies, typing) share one client per bot; each poller has its own
+        self.apis = {name: BotApi(tokens[name], cfg.api_url) for name, cfg in bots.items()}
+        self.pollers = {
+            name: Poller(
+                name,
+                cfg,
+                tokens[name],
+                accept,
+                functools.partial(store.channel_offset, cursor_name(name)),
+                poll_timeout=poll_timeout,
+            )
+            for name, cfg in bots.items()
+        }
+        self.delivery = TelegramDelivery(self.apis, delivery, store, metrics)
+        self.typing = Typing(self.apis)
+        self.collector = PollerCollector(self.pollers)
+
+    def services(self) -> dict[str, Coroutine[Any, Any, None]]:
+        """The coroutines to run until close: one poller per bot, and the delivery."""
+        tasks: dict[str, Coroutine[Any, Any, None]] = {
+            f"telegram poller {name}": p.run() for name, p in self.pollers.items()
+        }
+        tasks[f"delivery to {CHANNEL}"] = self.delivery.run()
+        return tasks
+
+    def status(self) -> list[PollerHealth]:
+        return [p.health for p in self.pollers.values()]
+
+    async def close(self) -> None:
+        await self.typing.close()
+        for api in self.apis.values():
+            await api.close()
