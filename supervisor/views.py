@@ -82,6 +82,7 @@ def status(sup: Supervisor) -> Status:
         inbox=sup.inbox.pending,
         loop_lag=sup.lag.lag,
         loop_lag_max=sup.lag.lag_max,
+        pollers=sup.telegram.status() if sup.telegram is not None else [],
     )
 
 

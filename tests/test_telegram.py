@@ -918,7 +918,7 @@ def test_messages_from_private_group_and_topic_are_answered_in_the_same_place(fa
                 TOKEN, FORUM, "from topic", chat_type="supergroup", is_forum=True, thread_id=9
             )
             fake.user_message(TOKEN, PRIVATE, "/stop")
-            tasks = [asyncio.create_task(c) for c in channel.services().values()]
+            tasks = [asyncio.create_task(run()) for run in channel.services().values()]
             try:
                 await until(lambda: len(fake.sent(TOKEN)) == 3, what="three replies")
                 assert [h.state for h in channel.status()] == ["polling"]

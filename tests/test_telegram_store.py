@@ -140,3 +140,33 @@ def test_kill_9_never_leaves_the_offset_ahead_of_the_messages(tmp_path: Path):
             conn.close()
         # every update below the offset is stored, and none at or above it
         assert ids == list(range(1, offset)), f"round {round_}: offset {offset}, ids {ids[-10:]}"
+
+
+def test_a_batch_whose_accept_was_cut_off_after_its_commit_is_queued_when_fetched_again(tmp_path):
+    """The poller's accept can be cancelled (its timeout, a restart) after the store
+    committed: the refetch finds the messages stored but never queued, and queues them,
+    once."""
+    from corral.supervisor.inbox import Inbox
+    from corral.supervisor.metrics import Metrics
+    from corral.supervisor.store import DONE
+
+    async def main() -> None:
+        store = Store(tmp_path / "db")
+        await store.open()
+        try:
+            inbox = Inbox(store, Metrics(), push_channels={"telegram"})
+            await inbox.restore()
+            cut = asyncio.create_task(inbox.accept_batch("telegram:main", 12, [inbound(11)]))
+            await asyncio.sleep(0)  # submitted to the store thread
+            cut.cancel()
+            assert await store.channel_offset("telegram:main") == 12  # committed anyway
+            assert cut.cancelled() and inbox.pending == 0
+            again = await inbox.accept_batch("telegram:main", 12, [inbound(11)])
+            assert [m.id for m in again] == ["telegram:main:11"] and inbox.pending == 1
+            assert await inbox.accept_batch("telegram:main", 12, [inbound(11)]) == []  # known
+            await inbox.finish(again[0], DONE)
+            assert await inbox.accept_batch("telegram:main", 12, [inbound(11)]) == []  # answered
+        finally:
+            await store.close()
+
+    run(main())

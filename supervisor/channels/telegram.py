@@ -30,6 +30,7 @@ from typing import Any, Final
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from corral.protocol.control import PollerHealth
 from corral.protocol.types import Origin
 from corral.supervisor.channels.botapi import (
     ApiError,
@@ -41,7 +42,8 @@ from corral.supervisor.channels.botapi import (
 )
 from corral.supervisor.config import TELEGRAM_CHANNEL, DeliveryConfig, TelegramConfig
 from corral.supervisor.metrics import Metrics
-from corral.supervisor.store import DEAD, DELIVERED, PENDING, Inbound, Store, StoredReply
+from corral.supervisor.store import DEAD, DELIVERED, PENDING, Inbound, StoredReply
+from corral.supervisor.stores import AnyStore
 
 log = logging.getLogger("corral.telegram")
 
@@ -231,7 +233,7 @@ def make_batch(
     return batch, notices
 
 
-def store_accept(store: Store) -> AcceptFn:
+def store_accept(store: AnyStore) -> AcceptFn:
     """The durable half of an `accept`: messages and offset in one transaction.
     (The supervisor's accept also queues the turns of the new ones and runs stops.)"""
 
@@ -246,21 +248,6 @@ def store_accept(store: Store) -> AcceptFn:
 
 class TokenRefused(Exception):
     pass
-
-
-class PollerHealth(msgspec.Struct, kw_only=True):
-    """What `corral status` and the metrics show of a bot's poller."""
-
-    bot: str
-    state: str = "starting"  # starting | polling | retrying | failed
-    username: str = ""
-    last_poll: float | None = None  # wall time of the last completed getUpdates
-    last_error: str = ""
-    errors: int = 0  # failed calls, all time
-    conflicts: int = 0  # 409s: another poller, or a webhook
-    restarts: int = 0  # by the watchdog
-    updates: int = 0
-    offset: int | None = None
 
 
 class Poller:
@@ -541,7 +528,7 @@ class TelegramDelivery:
         self,
         bots: Mapping[str, BotApi],
         cfg: DeliveryConfig,
-        store: Store,
+        store: AnyStore,
         metrics: Metrics,
         parse_mode: str | None = None,
     ) -> None:
@@ -774,7 +761,7 @@ class Typing:
 class TelegramChannel:
     """Every configured bot: its poller, the delivery of channel "telegram", typing.
 
-    The supervisor runs `services()` as permanent background tasks, adds `delivery`
+    The supervisor runs `services()` as background tasks, adds `delivery`
     to the outbox under the name "telegram" (its `wake` on each new reply), calls
     `typing.start(origin)` / `typing.stop(origin)` around turns, registers
     `collector` with its metrics registry, shows `status()` in `corral status`, and
@@ -786,7 +773,7 @@ class TelegramChannel:
         bots: Mapping[str, TelegramConfig],
         tokens: Mapping[str, str],
         accept: AcceptFn,
-        store: Store,
+        store: AnyStore,
         delivery: DeliveryConfig,
         metrics: Metrics,
         poll_timeout: int = POLL_TIMEOUT,
@@ -808,12 +795,14 @@ class TelegramChannel:
         self.typing = Typing(self.apis)
         self.collector = PollerCollector(self.pollers)
 
-    def services(self) -> dict[str, Coroutine[Any, Any, None]]:
-        """The coroutines to run until close: one poller per bot, and the delivery."""
-        tasks: dict[str, Coroutine[Any, Any, None]] = {
-            f"telegram poller {name}": p.run() for name, p in self.pollers.items()
+    def services(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+        """What to run until close, by name: one poller per bot (it returns, state
+        "failed", if its token is refused), and the delivery; each call of a value
+        makes a fresh coroutine."""
+        tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            f"telegram poller {name}": p.run for name, p in self.pollers.items()
         }
-        tasks[f"delivery to {CHANNEL}"] = self.delivery.run()
+        tasks[f"delivery to {CHANNEL}"] = self.delivery.run
         return tasks
 
     def status(self) -> list[PollerHealth]:
