@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from corral.protocol.control import DeadLetterInfo, HistoryEntry, SessionInfo, Status
+from corral.protocol.control import DeadLetterInfo, HistoryEntry, PollerHealth, SessionInfo, Status
 
 
 def as_json(plain: Any) -> str:
@@ -177,6 +177,20 @@ def status_fields(st: Status) -> list[str]:
             "inbox": st.inbox,
             "loop lag": f"{st.loop_lag * 1000:.1f}ms "
             f"(max {st.loop_lag_max * 1000:.1f}ms in the last minute)",
+            **{f"telegram {p.bot}": poller_line(p) for p in st.pollers},
         },
         12,
     )
+
+
+def poller_line(p: PollerHealth, now: float | None = None) -> str:
+    """One bot's poller in `corral status`."""
+    now = time.time() if now is None else now
+    who = f" as @{p.username}" if p.username else ""
+    last = "never" if p.last_poll is None else f"{fmt_secs(max(0.0, now - p.last_poll))} ago"
+    line = f"{p.state}{who}, last poll {last}, {p.updates} updates, {p.errors} errors"
+    if p.conflicts:
+        line += f" ({p.conflicts} conflicts)"
+    if p.last_error and p.state != "polling":
+        line += f"; {p.last_error}"
+    return line

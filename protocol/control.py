@@ -75,6 +75,21 @@ class RetryResult(msgspec.Struct):
     not_retried: list[str]  # asked for, but not dead-lettered or of no configured channel
 
 
+class PollerHealth(msgspec.Struct, kw_only=True):
+    """A polling channel's receiver (one Telegram bot): what `corral status` shows."""
+
+    bot: str
+    state: str = "starting"  # starting | polling | retrying | failed
+    username: str = ""
+    last_poll: float | None = None  # wall time of the last completed poll
+    last_error: str = ""
+    errors: int = 0  # failed calls, all time
+    conflicts: int = 0  # 409s: another poller, or a webhook
+    restarts: int = 0  # by the watchdog
+    updates: int = 0
+    offset: int | None = None
+
+
 class Status(msgspec.Struct, kw_only=True):
     pid: int
     version: str
@@ -89,6 +104,7 @@ class Status(msgspec.Struct, kw_only=True):
     loop_lag: float  # seconds, the last measurement
     loop_lag_max: float  # seconds, the largest in the last minute
     kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
+    pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
 
 
 class KillResult(msgspec.Struct):

@@ -14,7 +14,7 @@ from pathlib import Path
 from corral.protocol.procfs import set_title
 from corral.supervisor import views
 from corral.supervisor.channels.http import HttpChannel
-from corral.supervisor.config import Config, split_listen
+from corral.supervisor.config import Config, ConfigError, split_listen, telegram_tokens
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.metrics import MetricsServer
 from corral.supervisor.nodelock import NodeLock
@@ -83,11 +83,16 @@ async def serve(config: Config) -> int:
     set_title(f"corral: supervisor {config.state_path}")
     notifier = Notifier()
     try:
+        tokens = telegram_tokens(config)  # read once, at start
+    except ConfigError as e:
+        log.error("cannot start: %s", e)
+        return 2
+    try:
         lock_fd = lock_state_dir(config.state_path)
     except (StateDirBusy, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
-    sup = Supervisor(config, store=open_store(config))
+    sup = Supervisor(config, store=open_store(config), telegram_tokens=tokens)
     http = HttpChannel(sup, sup.inbox, config)
     control = ControlServer(sup, config.control_socket_path, config.supervisor.control_socket_mode)
     metrics = MetricsServer(

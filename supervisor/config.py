@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -75,9 +76,19 @@ class WebhookConfig(_Section):
     secret: str = ""
 
 
+class TelegramConfig(_Section):
+    """One Telegram bot, `[channels.telegram.NAME]`."""
+
+    token_env: str = "TELEGRAM_BOT_TOKEN"  # the NAME of the variable that holds the token
+    api_url: str = "https://api.telegram.org"  # or a local Bot API server
+    sessions: Literal["chat", "topic"] = "chat"  # one session per chat, or per forum topic
+    allowed_chats: list[int] = msgspec.field(default_factory=list)  # empty: every chat
+
+
 class ChannelsConfig(_Section):
     http: HttpChannelConfig = msgspec.field(default_factory=HttpChannelConfig)
     webhook: dict[str, WebhookConfig] = msgspec.field(default_factory=dict)
+    telegram: dict[str, TelegramConfig] = msgspec.field(default_factory=dict)
 
 
 class DeliveryConfig(_Section):
@@ -136,6 +147,10 @@ def is_loopback(host: str) -> bool:
 
 _ENTRYPOINT_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _WEBHOOK_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# what BotFather hands out: the bot's numeric id, a colon, a key
+_BOT_TOKEN_RE = re.compile(r"[0-9]{1,20}:[A-Za-z0-9_-]{20,200}")
+TELEGRAM_CHANNEL = "telegram"  # the origin channel of every bot; NAME is its account
 
 
 _USERINFO_RE = re.compile(r"(^|://)([^/@:\s]*):[^/@\s]*@")
@@ -189,6 +204,62 @@ def _validate(cfg: Config) -> None:
             )
         if not hook.url.startswith(("http://", "https://")):
             raise ConfigError(f"channels.webhook.{name}.url: expected an http(s) URL")
+    _validate_telegram(cfg)
+
+
+def _validate_telegram(cfg: Config) -> None:
+    if cfg.channels.telegram and TELEGRAM_CHANNEL in cfg.channels.webhook:
+        raise ConfigError(
+            f"channels.webhook.{TELEGRAM_CHANNEL}: the name is taken by the Telegram channel"
+        )
+    envs: dict[str, str] = {}
+    for name, bot in cfg.channels.telegram.items():
+        key = f"channels.telegram.{name}"
+        if not _WEBHOOK_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{key}: names are 1-64 characters of A-Z a-z 0-9 _ -")
+        if not _ENV_NAME_RE.fullmatch(bot.token_env):
+            raise ConfigError(
+                f"{key}.token_env: expected the name of an environment variable, "
+                f"got {bot.token_env!r} (the token itself belongs in that variable)"
+            )
+        if bot.token_env in envs:
+            raise ConfigError(
+                f"{key}.token_env: {bot.token_env} is also the token of "
+                f"channels.telegram.{envs[bot.token_env]}: one poller per bot token"
+            )
+        envs[bot.token_env] = name
+        if not bot.api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.api_url: expected an http(s) URL")
+
+
+def telegram_tokens(cfg: Config, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every configured bot's token, read from its token_env variable at start.
+
+    A missing, empty or malformed variable is a ConfigError naming
+    channels.telegram.NAME.token_env; the token itself is never in the message.
+    """
+    env = os.environ if environ is None else environ
+    tokens: dict[str, str] = {}
+    for name, bot in cfg.channels.telegram.items():
+        key = f"channels.telegram.{name}.token_env"
+        token = env.get(bot.token_env, "").strip()
+        if not token:
+            raise ConfigError(
+                f"{key}: the environment variable {bot.token_env} is not set "
+                "(it must hold the bot token from BotFather)"
+            )
+        if not _BOT_TOKEN_RE.fullmatch(token):
+            raise ConfigError(
+                f"{key}: the value of {bot.token_env} does not look like a bot token "
+                '(BotFather gives "DIGITS:KEY")'
+            )
+        for other, seen in tokens.items():
+            if seen == token:
+                raise ConfigError(
+                    f"{key}: channels.telegram.{other} has the same token: one poller per bot"
+                )
+        tokens[name] = token
+    return tokens
 
 
 def parse_config(data: bytes | str, source: str = "<config>") -> Config:

@@ -16,6 +16,7 @@ import hmac
 import logging
 import random
 import time
+from typing import Protocol
 
 import aiohttp
 import msgspec
@@ -133,8 +134,18 @@ class WebhookDelivery:
         log.error("%s: reply %s dead-lettered: %s", self.name, r.id, why)
 
 
+class Delivery(Protocol):
+    """One channel's delivery loop (WebhookDelivery, TelegramDelivery): `run()` as a
+    service, `wake` set on each new reply to its channel."""
+
+    wake: asyncio.Event
+
+    async def run(self) -> None: ...
+
+
 class Outbox:
-    """Starts one delivery task per webhook channel and wakes it on new replies."""
+    """Starts one delivery task per pushed channel and wakes it on new replies (webhook
+    channels from the config; other channels add theirs to `channels` before start)."""
 
     def __init__(
         self,
@@ -143,7 +154,7 @@ class Outbox:
         store: AnyStore,
         metrics: Metrics,
     ) -> None:
-        self.channels = {
+        self.channels: dict[str, Delivery] = {
             name: WebhookDelivery(name, hook, cfg, store, metrics)
             for name, hook in channels.items()
         }

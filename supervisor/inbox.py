@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 from corral.protocol.types import ERROR, Origin, Reply
 from corral.supervisor.metrics import Metrics
-from corral.supervisor.store import FAILED, Accepted, Message, StoredReply
+from corral.supervisor.store import FAILED, PENDING, Accepted, Inbound, Message, StoredReply
 from corral.supervisor.stores import AnyStore
 
 log = logging.getLogger("corral.supervisor")
@@ -62,6 +62,10 @@ class Inbox:
         self.push_channels = push_channels
         self.wakeups = ReplyWakeups()
         self.listeners: list[Callable[[Reply], None]] = []  # told of every new reply
+        # told when a message's turn starts, and when it stops running (ended, or put
+        # back): Telegram's "typing…"
+        self.on_start: list[Callable[[Message], None]] = []
+        self.on_stop: list[Callable[[Message], None]] = []
         self._ended: dict[str, asyncio.Future[list[Reply] | None]] = {}  # unfinished turns
         # replies of turns first run in this process: every one of their replies passes
         # through here (a re-run's earlier replies are only in the store)
@@ -95,12 +99,40 @@ class Inbox:
             self._replies[accepted.message.id] = []
         return accepted
 
+    async def accept_batch(
+        self, cursor: str, next_offset: int, inbound: Sequence[Inbound]
+    ) -> list[Message]:
+        """Store a polled batch and its channel cursor in one transaction; the messages
+        whose turns are to be queued: the new ones, and those an earlier accept of the
+        same batch stored but was cut off (cancelled) before it could say so."""
+        loop = asyncio.get_running_loop()
+        out = []
+        for accepted in await self.store.accept_batch(cursor, next_offset, inbound):
+            m = accepted.message
+            if accepted.duplicate and (m.state != PENDING or m.id in self._ended):
+                continue  # answered, or known here (queued or running)
+            self.metrics.accepted.labels(m.origin.channel).inc()
+            self.metrics.inbox_depth.inc()
+            self._ended[m.id] = loop.create_future()
+            if not accepted.duplicate:
+                self._replies[m.id] = []
+            out.append(m)
+        return out
+
     async def start_attempt(self, message: Message) -> int:
-        return await self.store.start_attempt(message.id)
+        attempt = await self.store.start_attempt(message.id)
+        for listener in self.on_start:
+            listener(message)
+        return attempt
 
     async def undo_start(self, message: Message) -> None:
         """The attempt did not run (stopped before it began, or a drain): not counted."""
+        self._stopped(message)
         await self.store.start_attempt_undone(message.id)
+
+    def _stopped(self, message: Message) -> None:
+        for listener in self.on_stop:
+            listener(message)
 
     def reply(self, message: Message, index: int, text: str, kind: str) -> None:
         """Submit a reply to the origin of `message`, and nowhere else. Not awaited: it is
@@ -117,6 +149,7 @@ class Inbox:
 
     async def finish(self, message: Message, state: str) -> None:
         """The message leaves the inbox: its turn has ended with `state`."""
+        self._stopped(message)
         await self.store.finish(message.id, state)
         self.metrics.inbox_depth.dec()
         fut = self._ended.pop(message.id, None)

@@ -64,6 +64,21 @@ CREATE TABLE corral.sessions (
 """,
     ),
     (2, "CREATE INDEX messages_by_session ON corral.messages (session, seq);"),
+    (
+        3,
+        """
+-- polling channels (Telegram): where to resume, committed with the messages it covers
+CREATE TABLE corral.channel_offsets (
+    name text PRIMARY KEY,
+    next_offset bigint NOT NULL
+);
+-- a reply sent in parts (Telegram's 4096 limit): how many parts went out already
+CREATE TABLE corral.reply_parts (
+    reply_id text PRIMARY KEY,
+    sent integer NOT NULL
+);
+""",
+    ),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
 

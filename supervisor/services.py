@@ -8,6 +8,11 @@ restarted with backoff, and past `intensity` failures within `period` the superv
 gives up: it logs why and asks to stop with a non-zero exit, so systemd restarts the
 whole service. While any service is down, `healthy()` is False and the systemd
 watchdog is not fed.
+
+A transient service (OTP's `transient` child: a Telegram poller) is restarted the
+same way when it fails, but one that returns has ended for good: it gave up on
+something only the operator can fix (a refused token), said so, and the rest of the
+supervisor keeps serving. `stop(name)` ends a service early (pollers at the drain).
 """
 
 from __future__ import annotations
@@ -77,20 +82,38 @@ class Services:
         self.down: set[str] = set()
         self.restarts: dict[str, int] = {}
         self._tasks = Tasks()
+        self._running: dict[str, asyncio.Task[Any]] = {}
 
-    def start(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run `run()` for the life of the supervisor; `run` makes a fresh coroutine."""
+    def start(
+        self, name: str, run: Callable[[], Coroutine[Any, Any, None]], transient: bool = False
+    ) -> None:
+        """Run `run()` for the life of the supervisor; `run` makes a fresh coroutine.
+        A `transient` service that returns is not restarted."""
         self.restarts.setdefault(name, 0)
-        self._tasks.start(self._supervise(name, run), f"service {name}")
+        task = self._tasks.start(self._supervise(name, run, transient), f"service {name}")
+        self._running[name] = task
+        task.add_done_callback(lambda t: self._running.get(name) is t and self._running.pop(name))
+
+    def stop(self, name: str) -> None:
+        """End a service now (it is not restarted, and not counted as down)."""
+        task = self._running.pop(name, None)
+        if task is not None:
+            task.cancel()
+        self.down.discard(name)
 
     def healthy(self) -> bool:
         return not self.down
 
-    async def _supervise(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _supervise(
+        self, name: str, run: Callable[[], Coroutine[Any, Any, None]], transient: bool
+    ) -> None:
         failures: list[float] = []
         while True:  # ends when cancelled at close, or past the intensity limit
             try:
                 await run()
+                if transient:
+                    log.info("service %s ended", name)
+                    return
                 log.error("service %s returned; it should run until the supervisor stops", name)
             except asyncio.CancelledError:
                 raise

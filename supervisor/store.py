@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +76,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     restarts INTEGER NOT NULL DEFAULT 0,  -- workers that ended abnormally, all time
     last_exit TEXT
 );
+-- polling channels (Telegram): where to resume, committed with the messages it covers
+CREATE TABLE IF NOT EXISTS channel_offsets (
+    name TEXT PRIMARY KEY,
+    next_offset INTEGER NOT NULL
+);
+-- a reply sent in parts (Telegram's 4096 limit): how many parts went out already
+CREATE TABLE IF NOT EXISTS reply_parts (
+    reply_id TEXT PRIMARY KEY,
+    sent INTEGER NOT NULL
+);
 """
 
 _origin_encode = msgspec.json.Encoder().encode
@@ -105,6 +115,16 @@ class StoredReply(msgspec.Struct, frozen=True, kw_only=True):
 class Accepted(msgspec.Struct, frozen=True):
     message: Message
     duplicate: bool
+
+
+class Inbound(msgspec.Struct, frozen=True, kw_only=True):
+    """A message a polling channel accepts: its id is derived from the platform's
+    (e.g. "telegram:NAME:UPDATE_ID"), so fetching it again is the same message."""
+
+    id: str
+    session: str
+    text: str
+    origin: Origin
 
 
 class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -469,6 +489,87 @@ class Store:
 
         return await self._submit(op)
 
+    # ---- polling channels
+
+    async def accept_batch(
+        self, cursor: str, next_offset: int, inbound: Sequence[Inbound]
+    ) -> list[Accepted]:
+        """Store `inbound` and set channel cursor `cursor` to `next_offset`, atomically.
+
+        Both are written in one transaction, so after a crash at any moment the stored
+        offset never runs ahead of the stored messages: what the platform is asked
+        for next is exactly what was not yet accepted. A message whose id exists is
+        not stored again (Accepted.duplicate), in the order given.
+        """
+
+        def op(conn: sqlite3.Connection) -> list[Accepted]:
+            now = time.time()
+            out = []
+            for m in inbound:
+                row = conn.execute(
+                    "SELECT seq, id, session, text, origin, attempts, state FROM messages "
+                    "WHERE id = ?",
+                    (m.id,),
+                ).fetchone()
+                if row is not None:
+                    out.append(Accepted(_message(row), True))
+                    continue
+                cur = conn.execute(
+                    "INSERT INTO messages (id, session, text, origin, accepted_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (m.id, m.session, m.text, _origin_encode(m.origin), now),
+                )
+                assert cur.lastrowid is not None
+                message = Message(
+                    id=m.id, session=m.session, text=m.text, origin=m.origin, seq=cur.lastrowid
+                )
+                out.append(Accepted(message, False))
+            conn.execute(
+                "INSERT INTO channel_offsets (name, next_offset) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
+                (cursor, next_offset),
+            )
+            return out
+
+        return await self._submit(op)
+
+    async def channel_offset(self, cursor: str) -> int | None:
+        """The offset `accept_batch` last committed for `cursor`; None before the first."""
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT next_offset FROM channel_offsets WHERE name = ?", (cursor,)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._submit(op)
+
+    async def reply_parts_sent(self, reply_id: str) -> int:
+        """How many parts of a reply sent in parts are delivered already (0 if none)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT sent FROM reply_parts WHERE reply_id = ?", (reply_id,)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._submit(op)
+
+    async def set_reply_parts_sent(self, reply_id: str, sent: int) -> None:
+        """Record that the first `sent` parts of a reply are delivered; 0 forgets it."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            if sent <= 0:
+                conn.execute("DELETE FROM reply_parts WHERE reply_id = ?", (reply_id,))
+                return
+            conn.execute(
+                "INSERT INTO reply_parts (reply_id, sent) VALUES (?, ?) "
+                "ON CONFLICT (reply_id) DO UPDATE SET sent = excluded.sent",
+                (reply_id, sent),
+            )
+
+        await self._submit(op)
+
     # ---- sessions
 
     async def set_quarantine(self, session: str, until: float | None) -> None:
@@ -703,6 +804,7 @@ __all__ = [
     "Accepted",
     "DeadLetter",
     "HistoryItem",
+    "Inbound",
     "Message",
     "SessionSummary",
     "Store",

@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -57,6 +57,7 @@ from corral.supervisor.store import (
     Accepted,
     DeadLetter,
     HistoryItem,
+    Inbound,
     Message,
     SessionRecord,
     SessionSummary,
@@ -475,6 +476,80 @@ class PgStore:
             return cur.rowcount
 
         return await self._submit(op)
+
+    # ---- polling channels
+
+    async def accept_batch(
+        self, cursor: str, next_offset: int, inbound: Sequence[Inbound]
+    ) -> list[Accepted]:
+        """Store `inbound` and set channel cursor `cursor` to `next_offset`, atomically
+        (one operation, so one savepoint of its group): see Store.accept_batch."""
+
+        def op(conn: psycopg.Connection[Any]) -> list[Accepted]:
+            now = time.time()
+            out = []
+            for m in inbound:
+                row = conn.execute(
+                    "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
+                    (m.id, m.session, m.text.encode(), _origin_encode(m.origin).decode(), now),
+                ).fetchone()
+                if row is not None:
+                    message = Message(
+                        id=m.id, session=m.session, text=m.text, origin=m.origin, seq=row[0]
+                    )
+                    out.append(Accepted(message, False))
+                    continue
+                first = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages WHERE id = %s", (m.id,)
+                ).fetchone()
+                assert first is not None
+                out.append(Accepted(_message(first), True))
+            conn.execute(
+                "INSERT INTO corral.channel_offsets (name, next_offset) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
+                (cursor, next_offset),
+            )
+            return out
+
+        return await self._submit(op)
+
+    async def channel_offset(self, cursor: str) -> int | None:
+        """The offset `accept_batch` last committed for `cursor`; None before the first."""
+
+        def op(conn: psycopg.Connection[Any]) -> int | None:
+            row = conn.execute(
+                "SELECT next_offset FROM corral.channel_offsets WHERE name = %s", (cursor,)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._submit(op)
+
+    async def reply_parts_sent(self, reply_id: str) -> int:
+        """How many parts of a reply sent in parts are delivered already (0 if none)."""
+
+        def op(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                "SELECT sent FROM corral.reply_parts WHERE reply_id = %s", (reply_id,)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._submit(op)
+
+    async def set_reply_parts_sent(self, reply_id: str, sent: int) -> None:
+        """Record that the first `sent` parts of a reply are delivered; 0 forgets it."""
+
+        def op(conn: psycopg.Connection[Any]) -> None:
+            if sent <= 0:
+                conn.execute("DELETE FROM corral.reply_parts WHERE reply_id = %s", (reply_id,))
+                return
+            conn.execute(
+                "INSERT INTO corral.reply_parts (reply_id, sent) VALUES (%s, %s) "
+                "ON CONFLICT (reply_id) DO UPDATE SET sent = excluded.sent",
+                (reply_id, sent),
+            )
+
+        await self._submit(op)
 
     # ---- sessions
 

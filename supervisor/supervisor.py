@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from corral.protocol import frames, procfs, spawn
 from corral.protocol.control import KillResult
@@ -26,6 +26,7 @@ from corral.protocol.types import (
     check_session_key,
 )
 from corral.supervisor import cgroups
+from corral.supervisor.channels.telegram_wiring import TelegramWiring
 from corral.supervisor.config import Config
 from corral.supervisor.crashloop import CrashLoops
 from corral.supervisor.delivery import Outbox
@@ -65,7 +66,12 @@ class UnknownSession(Exception):
 
 
 class Supervisor:
-    def __init__(self, config: Config, store: AnyStore | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: AnyStore | None = None,
+        telegram_tokens: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.limits = config.limits
         self.store = store or make_store(config)
@@ -103,6 +109,8 @@ class Supervisor:
         self.drain_timeout = float(config.supervisor.drain_timeout)
         self.started_wall = time.time()
         self._stop_requested = asyncio.Event()
+        # Telegram bots: pollers in, the outbox out (telegram_tokens: read from env if None)
+        self.telegram = TelegramWiring(self, telegram_tokens) if config.channels.telegram else None
 
     # ---- lifecycle
 
@@ -125,6 +133,8 @@ class Supervisor:
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)
         self.services.start("loop lag", self.lag.run)
+        if self.telegram is not None:
+            self.telegram.start()
         for s in self.sessions:
             self.dispatch(s)
 
@@ -163,6 +173,8 @@ class Supervisor:
         Unfinished messages stay in the inbox for the next start.
         """
         self.draining = True
+        if self.telegram is not None:
+            self.telegram.stop_polling()
         self.inbox.close_waits()  # every ?wait and long-poll answers now
         await self.changes.wait_until(lambda: not self.busy_workers(), self.drain_timeout)
         for w in self.sessions.workers():
@@ -181,6 +193,8 @@ class Supervisor:
         self.draining = True  # a task cancelled below must not start a worker on its way out
         await self.services.close()
         await self.tasks.close()
+        if self.telegram is not None:
+            await self.telegram.close()
         self.crashloops.close()
         await self.spawner.stop()
         # orphans of a zygote that died since the last sweep would outlive us
@@ -207,11 +221,15 @@ class Supervisor:
             if accepted.message.session != session:
                 raise IdConflict(f"id {accepted.message.id!r} was already used for another session")
             return accepted
-        s = self.sessions.get_or_create(session)
-        s.queue.append(accepted.message)
+        self.enqueue(accepted.message)
+        return accepted
+
+    def enqueue(self, message: Message) -> None:
+        """Queue the turn of a message the inbox has just accepted."""
+        s = self.sessions.get_or_create(message.session)
+        s.queue.append(message)
         s.last_used = time.monotonic()
         self.dispatch(s)
-        return accepted
 
     def dispatch(self, s: Session) -> None:
         """Move a session one step: refuse, start a worker, run the next turn, yield, or idle."""

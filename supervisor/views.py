@@ -161,6 +161,7 @@ def status(sup: Supervisor) -> Status:
         loop_lag=sup.lag.lag,
         loop_lag_max=sup.lag.lag_max,
         kill_grace=float(sup.config.supervisor.kill_grace),
+        pollers=sup.telegram.status() if sup.telegram is not None else [],
     )
 
 

@@ -15,11 +15,21 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from corral.protocol.types import ERROR, Origin
 from corral.supervisor.config import Config, StoreConfig, SupervisorConfig
-from corral.supervisor.store import DEAD, DELIVERED, DONE, FAILED, FETCHED, PENDING, StoreClosed
+from corral.supervisor.store import (
+    DEAD,
+    DELIVERED,
+    DONE,
+    FAILED,
+    FETCHED,
+    PENDING,
+    Inbound,
+    StoreClosed,
+)
 from corral.supervisor.stores import AnyStore, make_store
 from tests.harness import REPO
 
@@ -558,5 +568,74 @@ def test_dead_letters_are_listed_and_a_retry_puts_them_back_due_now(backend: Bac
         ]
         assert await store.retry_dead_letters(None, []) == []
         await store.close()
+
+    backend.run(body)
+
+
+# ---- polling channels (Telegram)
+
+TG = Origin(channel="telegram", account="main", chat="-1001", thread="9", user="42")
+
+
+def polled(update_id: int, text: str = "") -> Inbound:
+    return Inbound(
+        id=f"telegram:main:{update_id}",
+        session="telegram:main:-1001",
+        text=text or f"u{update_id}",
+        origin=TG,
+    )
+
+
+def test_a_polled_batch_and_its_offset_commit_together_and_a_refetch_is_one_message(
+    backend: Backend,
+) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        assert await store.channel_offset("telegram:main") is None
+        first = await store.accept_batch("telegram:main", 13, [polled(11, "a \x00 🙂"), polled(12)])
+        assert [a.duplicate for a in first] == [False, False]
+        # fetched again (the offset had not reached Telegram): the same messages, once
+        again = await store.accept_batch("telegram:main", 14, [polled(12, "other"), polled(13)])
+        assert [a.duplicate for a in again] == [True, False]
+        assert again[0].message == first[1].message
+        await store.close()
+        reopened = await opened(backend.new())
+        assert await reopened.channel_offset("telegram:main") == 14
+        assert await reopened.channel_offset("telegram:other") is None
+        pending = await reopened.pending()
+        assert [m.id for m in pending] == [f"telegram:main:{i}" for i in (11, 12, 13)]
+        assert (pending[0].text, pending[0].origin) == ("a \x00 🙂", TG)
+        await reopened.close()
+
+    backend.run(body)
+
+
+def test_a_polled_batch_that_fails_writes_neither_messages_nor_offset(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        await store.accept_batch("telegram:main", 11, [polled(10)])
+        bad = Inbound(id="telegram:main:11", session="s", text="x", origin=TG)
+        bad = msgspec.structs.replace(bad, text=None)  # type: ignore[arg-type]
+        with pytest.raises(Exception):  # noqa: B017 (the driver's own error type)
+            await store.accept_batch("telegram:main", 99, [polled(12), bad])
+        assert await store.channel_offset("telegram:main") == 11
+        assert [m.id for m in await store.pending()] == ["telegram:main:10"]
+        await store.close()
+
+    backend.run(body)
+
+
+def test_parts_of_a_reply_sent_are_remembered_until_forgotten(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        assert await store.reply_parts_sent("r-1") == 0
+        await store.set_reply_parts_sent("r-1", 1)
+        await store.set_reply_parts_sent("r-1", 2)
+        await store.close()
+        reopened = await opened(backend.new())
+        assert await reopened.reply_parts_sent("r-1") == 2
+        await reopened.set_reply_parts_sent("r-1", 0)
+        assert await reopened.reply_parts_sent("r-1") == 0
+        await reopened.close()
 
     backend.run(body)
