@@ -99,6 +99,7 @@ async def serve(config: Config) -> int:
         sup.metrics,
         lambda: views.session_rows(sup),
         *split_listen(config.metrics.listen, "metrics.listen"),
+        draining=lambda: sup.draining,
     )
     async with AsyncExitStack() as stack:
         stack.callback(os.close, lock_fd)

@@ -146,6 +146,7 @@ def test_healthz_needs_no_token_and_says_draining_while_draining(corral):
         agent=CHAOS,
     )
     assert get(c.base + "/healthz") == (200, {"status": "ok"})
+    assert get(f"http://127.0.0.1:{c.metrics_port}/healthz") == (200, {"status": "ok"})
     assert get(c.base + "/v1/sessions/x/replies")[0] == 401  # the rest still needs the token
     auth = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
     req = urllib.request.Request(
@@ -161,6 +162,8 @@ def test_healthz_needs_no_token_and_says_draining_while_draining(corral):
     assert drain.returncode == 0, drain.stderr
     status, body = get(c.base + "/healthz")
     assert (status, body) == (503, {"status": "draining"})
+    metrics_health = get(f"http://127.0.0.1:{c.metrics_port}/healthz")
+    assert metrics_health == (503, {"status": "draining"})
     assert c.proc is not None and c.proc.wait(30) == 0
 
 
