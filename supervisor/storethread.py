@@ -1,0 +1,135 @@
+"""The engine both stores share: one thread owns one database connection and commits
+the operations queued while the last commit was in flight as one transaction, each in a
+savepoint of its own (a failing operation fails alone). The loop only awaits futures,
+and is woken once per group, not once per operation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("corral.store")
+C = TypeVar("C")  # the connection
+T = TypeVar("T")
+
+GROUP_MAX = 512  # operations per transaction
+Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+class StoreClosed(Exception):
+    pass
+
+
+_STOP = object()
+
+
+class StoreThread(Generic[C]):
+    """Subclasses give `_connect` (connect and prepare the schema) and `_commit_group`,
+    and may give `_usable` (reconnect) and `_failed` (roll back, name the error)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed: asyncio.Future[None] | None = None
+
+    def _connect(self) -> C:
+        raise NotImplementedError
+
+    def _commit_group(self, conn: C, ops: list[tuple[Callable[[C], Any], Any]]) -> list[Result]:
+        raise NotImplementedError
+
+    def _usable(self, conn: C) -> C:
+        """The connection to run the next group on (a subclass may reconnect here)."""
+        return conn
+
+    def _failed(self, conn: C, error: Exception) -> BaseException:
+        """Clean up after a failed group; the error its operations fail with."""
+        return error
+
+    def _disconnect(self, conn: C) -> None:
+        conn.close()  # type: ignore[attr-defined]
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="corral-store", daemon=True
+        )
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            self._thread = None
+            raise
+
+    async def close(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._closed is None:
+            return
+        self._queue.put(_STOP)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._closed
+        except TimeoutError:
+            log.error("store thread did not finish within %.0fs", timeout)
+        self._thread = None
+
+    def _submit(self, fn: Callable[[C], T]) -> asyncio.Future[T]:
+        if self._thread is None or self._loop is None or not self._thread.is_alive():
+            raise StoreClosed("the store is closed")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        try:
+            conn = self._connect()
+        except Exception as e:
+            self._loop.call_soon_threadsafe(_settle, ready, None, e)
+            return
+        self._loop.call_soon_threadsafe(_settle, ready, None, None)
+        stopping = False
+        while not stopping:  # ends at the _STOP sentinel from close()
+            batch = [self._queue.get()]
+            while len(batch) < GROUP_MAX:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = _STOP in batch
+            ops = [item for item in batch if item is not _STOP]
+            if not ops:
+                continue
+            try:
+                conn = self._usable(conn)
+                results = self._commit_group(conn, ops)
+            except Exception as e:
+                # A failed group (disk full, database gone) fails its operations, not
+                # the store: the thread goes on, and callers see the error.
+                log.error("store: a group of %d operations failed: %s", len(ops), e)
+                error = self._failed(conn, e)
+                results = [(fut, None, error) for _, fut in ops]
+            self._loop.call_soon_threadsafe(_settle_all, results)
+        self._disconnect(conn)
+        if self._closed is not None:
+            self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
+
+
+def _settle_all(results: list[Result]) -> None:
+    for fut, value, error in results:
+        _settle(fut, value, error)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
