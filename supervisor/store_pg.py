@@ -29,18 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
-import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from corral.protocol.types import ERROR, Origin, Reply, reply_id
+from corral.protocol.types import Origin
 from corral.supervisor.pg_schema import (
     LATEST,
     MIGRATIONS,
@@ -52,18 +49,20 @@ from corral.supervisor.pg_schema import (
     schema_version,
 )
 from corral.supervisor.store import (
-    FETCHED,
-    PENDING,
     Accepted,
-    DeadLetter,
-    HistoryItem,
     Inbound,
     Message,
     SessionRecord,
-    SessionSummary,
-    StoreClosed,
-    StoredReply,
 )
+from corral.supervisor.store_pg_delivery import PgDeliveryOps
+from corral.supervisor.store_pg_rows import (
+    _MESSAGE_COLUMNS,
+    _diagnostic,
+    _first_line,
+    _message,
+    _origin_encode,
+)
+from corral.supervisor.storethread import Result, StoreThread
 
 log = logging.getLogger("corral.store")
 T = TypeVar("T")
@@ -83,52 +82,46 @@ CONNECT_DEFAULTS: Final[dict[str, str | int]] = {
 }
 
 
-_origin_encode = msgspec.json.Encoder().encode
-_origin_decode = msgspec.json.Decoder(Origin).decode
-
-
-_STOP = object()
-
-
-class PgStore:
+class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
     def __init__(self, url: str, durable: bool = True) -> None:
+        super().__init__()
         self.url = url
         self.durable = durable
         self.display_url = redact(url)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed: asyncio.Future[None] | None = None
 
-    # ---- lifecycle
-
-    async def open(self) -> None:
-        """Connect, create or migrate the schema; StoreError says what is wrong."""
-        self._loop = asyncio.get_running_loop()
-        self._closed = self._loop.create_future()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="corral-store", daemon=True
-        )
-        self._thread.start()
-        try:
-            await ready
-        except BaseException:
-            self._thread = None
-            raise
-
-    async def close(self, timeout: float = 10.0) -> None:
-        if self._thread is None or self._closed is None:
-            return
-        self._queue.put(_STOP)
-        try:
-            async with asyncio.timeout(timeout):
-                await self._closed
-        except TimeoutError:
-            log.error("store thread did not finish within %.0fs", timeout)
-        self._thread = None
+    # ---- the engine's connection
 
     def _connect(self) -> psycopg.Connection[Any]:
+        """Connect, create or migrate the schema; StoreError says what is wrong."""
+        conn = self._open_connection()
+        try:
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _usable(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        if not (conn.closed or conn.broken):
+            return conn
+        log.warning("store: the connection to the database was lost; reconnecting")
+        conn.close()
+        conn = self._open_connection()
+        log.info("store: connected to %s again", self.display_url)
+        return conn
+
+    def _failed(self, conn: psycopg.Connection[Any], error: Exception) -> BaseException:
+        # the next group reconnects if it must
+        if not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        if isinstance(error, psycopg.OperationalError) or conn.broken:
+            return StoreUnavailable(
+                f"store.url: lost the database {self.display_url}: {_first_line(error)}"
+            )
+        return error
+
+    def _open_connection(self) -> psycopg.Connection[Any]:
         try:
             params = conninfo_to_dict(self.url)
         except psycopg.ProgrammingError as e:
@@ -165,64 +158,11 @@ class PgStore:
                 f"{_first_line(e)}"
             ) from None
 
-    def _run(self, ready: asyncio.Future[None]) -> None:
-        assert self._loop is not None
-        conn: psycopg.Connection[Any] | None = None
-        try:
-            conn = self._connect()
-            self._migrate(conn)
-        except Exception as e:
-            if conn is not None:
-                conn.close()
-            self._loop.call_soon_threadsafe(_settle, ready, None, e)
-            return
-        self._loop.call_soon_threadsafe(_settle, ready, None, None)
-        stopping = False
-        while not stopping:  # ends at the _STOP sentinel from close()
-            batch = [self._queue.get()]
-            while len(batch) < GROUP_MAX:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = _STOP in batch
-            ops = [item for item in batch if item is not _STOP]
-            if not ops:
-                continue
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-            try:
-                if conn is None or conn.closed or conn.broken:
-                    if conn is not None:
-                        log.warning("store: the connection to the database was lost; reconnecting")
-                        conn.close()
-                        conn = None
-                    conn = self._connect()
-                    log.info("store: connected to %s again", self.display_url)
-                results = self._commit_group(conn, ops)
-            except Exception as e:
-                # A failed group (database gone, disk full) fails its operations, not the
-                # store: the thread goes on, the next group reconnects if it must.
-                log.error("store: a group of %d operations failed: %s", len(ops), e)
-                if isinstance(e, psycopg.OperationalError) or (conn is not None and conn.broken):
-                    e = StoreUnavailable(
-                        f"store.url: lost the database {self.display_url}: {_first_line(e)}"
-                    )
-                if conn is not None and not conn.closed:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute("ROLLBACK")
-                results = [(fut, None, e) for _, fut in ops]
-            # one wake-up of the loop for the whole group, not one per operation
-            self._loop.call_soon_threadsafe(_settle_all, results)
-        if conn is not None:
-            conn.close()
-        if self._closed is not None:
-            self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
-
-    @staticmethod
     def _commit_group(
+        self,
         conn: psycopg.Connection[Any],
         ops: list[tuple[Callable[[psycopg.Connection[Any]], Any], Any]],
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+    ) -> list[Result]:
         """Run `ops` in one transaction, each in a savepoint of its own; one commit."""
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         conn.execute("BEGIN")
@@ -239,13 +179,6 @@ class PgStore:
                 results.append((fut, None, e))
         conn.execute("COMMIT")
         return results
-
-    def _submit(self, fn: Callable[[psycopg.Connection[Any]], T]) -> asyncio.Future[T]:
-        if self._thread is None or self._loop is None or not self._thread.is_alive():
-            raise StoreClosed("the store is closed")
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut))
-        return fut
 
     # ---- inbox
 
@@ -322,160 +255,6 @@ class PgStore:
             )
 
         await self._submit(op)
-
-    # ---- outbox
-
-    def add_reply(
-        self, message: Message, index: int, text: str, kind: str, push: bool = False
-    ) -> asyncio.Future[Reply | None]:
-        """Store a reply keyed by (message, index); None if that reply exists already.
-
-        Queued at once, in call order (what is queued after it commits with it or
-        later), so a caller may go on without awaiting the returned future.
-
-        `push` replies wait in the outbox for delivery to their channel; the others
-        are fetched by the client (the HTTP channel's long-poll).
-        """
-        kind = str(kind)
-        reply = Reply(
-            id=reply_id(message.id, index),
-            in_reply_to=message.id,
-            session=message.session,
-            index=index,
-            text=text,
-            kind=kind,
-            origin=message.origin,
-        )
-        origin = _origin_encode(message.origin).decode()
-
-        def insert(conn: psycopg.Connection[Any], r: Reply) -> bool:
-            cur = conn.execute(
-                "INSERT INTO corral.replies (id, message_id, session, idx, text, kind, channel, "
-                "origin, created_at, delivery) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (id) DO NOTHING",
-                (
-                    r.id,
-                    message.id,
-                    message.session,
-                    r.index,
-                    text.encode(),
-                    kind,
-                    message.origin.channel,
-                    origin,
-                    time.time(),
-                    PENDING if push else FETCHED,
-                ),
-            )
-            return cur.rowcount > 0
-
-        def op(conn: psycopg.Connection[Any]) -> Reply | None:
-            if insert(conn, reply):
-                return reply
-            if kind != ERROR:
-                return None  # shown by an earlier run of the same turn
-            # An error that ends a turn run again may land on an index an earlier run's
-            # reply holds: unless it is the same error again, it goes after them all.
-            row = conn.execute(
-                "SELECT kind, text FROM corral.replies WHERE id = %s", (reply.id,)
-            ).fetchone()
-            if row is not None and (row[0], bytes(row[1]).decode()) == (ERROR, text):
-                return None
-            (last,) = conn.execute(
-                "SELECT max(idx) FROM corral.replies WHERE message_id = %s", (message.id,)
-            ).fetchone() or (index,)
-            moved = msgspec.structs.replace(
-                reply, index=last + 1, id=reply_id(message.id, last + 1)
-            )
-            return moved if insert(conn, moved) else None
-
-        return self._submit(op)
-
-    async def replies_for_message(self, message_id: str) -> list[StoredReply]:
-        def op(conn: psycopg.Connection[Any]) -> list[StoredReply]:
-            rows = conn.execute(
-                f"SELECT {_REPLY_COLUMNS} FROM corral.replies WHERE message_id = %s ORDER BY idx",
-                (message_id,),
-            ).fetchall()
-            return [_stored_reply(r) for r in rows]
-
-        return await self._submit(op)
-
-    async def replies_after(
-        self, session: str, channel: str, after: int, limit: int
-    ) -> list[StoredReply]:
-        def op(conn: psycopg.Connection[Any]) -> list[StoredReply]:
-            rows = conn.execute(
-                f"SELECT {_REPLY_COLUMNS} FROM corral.replies WHERE session = %s "
-                "AND channel = %s AND cursor > %s ORDER BY cursor LIMIT %s",
-                (session, channel, after, limit),
-            ).fetchall()
-            return [_stored_reply(r) for r in rows]
-
-        return await self._submit(op)
-
-    # ---- delivery
-
-    async def due_deliveries(self, channel: str, now: float, limit: int) -> list[StoredReply]:
-        """Replies to push to `channel` now, oldest first; a reply waits while an earlier
-        one of the same session is still undelivered, so each chat sees them in order."""
-
-        def op(conn: psycopg.Connection[Any]) -> list[StoredReply]:
-            rows = conn.execute(
-                f"SELECT {_REPLY_COLUMNS} FROM corral.replies r "
-                "WHERE channel = %s AND delivery = 'pending' AND next_attempt_at <= %s "
-                "AND NOT EXISTS (SELECT 1 FROM corral.replies e "
-                "WHERE e.session = r.session AND e.channel = r.channel "
-                "AND e.delivery = 'pending' AND e.cursor < r.cursor) ORDER BY cursor LIMIT %s",
-                (channel, now, limit),
-            ).fetchall()
-            return [_stored_reply(r) for r in rows]
-
-        return await self._submit(op)
-
-    async def next_due(self, channel: str) -> float | None:
-        def op(conn: psycopg.Connection[Any]) -> float | None:
-            row = conn.execute(
-                "SELECT min(next_attempt_at) FROM corral.replies r "
-                "WHERE channel = %s AND delivery = 'pending' "
-                "AND NOT EXISTS (SELECT 1 FROM corral.replies e "
-                "WHERE e.session = r.session AND e.channel = r.channel "
-                "AND e.delivery = 'pending' AND e.cursor < r.cursor)",
-                (channel,),
-            ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
-
-        return await self._submit(op)
-
-    async def mark_delivery(
-        self,
-        reply_id: str,
-        state: str,
-        attempts: int,
-        next_at: float = 0.0,
-        error: str | None = None,
-    ) -> None:
-        def op(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(
-                "UPDATE corral.replies SET delivery = %s, attempts = %s, next_attempt_at = %s, "
-                "last_error = %s WHERE id = %s",
-                (str(state), attempts, next_at, _diagnostic(error), reply_id),
-            )
-
-        await self._submit(op)
-
-    async def dead_letter_unrouted(self, channels: list[str]) -> int:
-        """Dead-letter pending replies of channels no longer configured; how many."""
-
-        def op(conn: psycopg.Connection[Any]) -> int:
-            cur = conn.execute(
-                "UPDATE corral.replies SET delivery = 'dead', "
-                "last_error = 'channel not configured' "
-                "WHERE delivery = 'pending' AND channel <> ALL(%s::text[])",
-                (list(channels),),
-            )
-            return cur.rowcount
-
-        return await self._submit(op)
 
     # ---- polling channels
 
@@ -594,197 +373,6 @@ class PgStore:
             }
 
         return await self._submit(op)
-
-    # ---- operators' queries
-
-    async def session_summaries(self, session: str | None = None) -> list[SessionSummary]:
-        """Every session key the store knows (a message or a record), by key; or only
-        `session` (empty if the store never saw it)."""
-        where_m, where_s = "", ""
-        args: tuple[str, ...] = ()
-        if session is not None:
-            where_m, where_s, args = "WHERE session = %s", "WHERE key = %s", (session,)
-
-        def op(conn: psycopg.Connection[Any]) -> list[SessionSummary]:
-            rows = conn.execute(
-                "SELECT k.key, coalesce(m.n, 0), m.last, coalesce(s.restarts, 0), s.last_exit, "
-                "s.quarantined_until FROM "
-                f"(SELECT session AS key FROM corral.messages {where_m} "
-                f"UNION SELECT key FROM corral.sessions {where_s}) k "
-                "LEFT JOIN (SELECT session, count(*) AS n, max(accepted_at) AS last "
-                f"FROM corral.messages {where_m} GROUP BY session) m ON m.session = k.key "
-                'LEFT JOIN corral.sessions s ON s.key = k.key ORDER BY k.key COLLATE "C"',
-                args * 3,
-            ).fetchall()
-            return [_summary(r) for r in rows]
-
-        return await self._submit(op)
-
-    async def history(self, session: str, limit: int) -> list[HistoryItem]:
-        """The session's last `limit` messages, oldest first, each with its replies."""
-
-        def op(conn: psycopg.Connection[Any]) -> list[HistoryItem]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS}, accepted_at, finished_at FROM corral.messages "
-                "WHERE session = %s ORDER BY seq DESC LIMIT %s",
-                (session, limit),
-            ).fetchall()
-            rows.reverse()
-            ids = [r[1] for r in rows]
-            by_message: dict[str, list[StoredReply]] = {i: [] for i in ids}
-            if ids:
-                for r in conn.execute(
-                    f"SELECT {_REPLY_COLUMNS} FROM corral.replies "
-                    "WHERE message_id = ANY(%s::text[]) ORDER BY idx",
-                    (ids,),
-                ).fetchall():
-                    stored = _stored_reply(r)
-                    by_message[stored.reply.in_reply_to].append(stored)
-            return [
-                HistoryItem(
-                    message=_message(r[:7]),
-                    accepted_at=r[7],
-                    finished_at=r[8],
-                    replies=by_message[r[1]],
-                )
-                for r in rows
-            ]
-
-        return await self._submit(op)
-
-    async def dead_letters(self, limit: int) -> list[DeadLetter]:
-        """Replies given up on, oldest first."""
-
-        def op(conn: psycopg.Connection[Any]) -> list[DeadLetter]:
-            rows = conn.execute(
-                f"SELECT {_DEAD_COLUMNS} FROM corral.replies WHERE delivery = 'dead' "
-                "ORDER BY cursor LIMIT %s",
-                (limit,),
-            ).fetchall()
-            return [_dead_letter(r) for r in rows]
-
-        return await self._submit(op)
-
-    async def retry_dead_letters(
-        self, ids: list[str] | None, channels: list[str]
-    ) -> list[StoredReply]:
-        """Put dead-lettered replies of `channels` (those in `ids`, or every one with
-        None) back into delivery, due now with fresh attempts; the replies put back,
-        oldest first. Replies that are not dead, or not of `channels`, are left alone."""
-
-        def op(conn: psycopg.Connection[Any]) -> list[StoredReply]:
-            if not channels or ids == []:
-                return []
-            chosen = "" if ids is None else "AND id = ANY(%s::text[])"
-            params: list[Any] = [list(channels)] + ([] if ids is None else [list(ids)])
-            rows = conn.execute(
-                "UPDATE corral.replies SET delivery = 'pending', attempts = 0, "
-                "next_attempt_at = 0, last_error = NULL WHERE delivery = 'dead' "
-                f"AND channel = ANY(%s::text[]) {chosen} RETURNING {_REPLY_COLUMNS}",
-                params,
-            ).fetchall()
-            return sorted((_stored_reply(r) for r in rows), key=_by_cursor)
-
-        return await self._submit(op)
-
-
-# ---- schema
-
-
-_MESSAGE_COLUMNS = "seq, id, session, text, origin, attempts, state"
-_REPLY_COLUMNS = (
-    "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
-)
-
-
-_DEAD_COLUMNS = (
-    "cursor, id, message_id, session, idx, text, kind, origin, attempts, last_error, created_at"
-)
-
-
-def _summary(row: tuple[Any, ...]) -> SessionSummary:
-    key, n, last, restarts, last_exit, until = row
-    return SessionSummary(
-        session=key,
-        messages=int(n),
-        last_message_at=last,
-        restarts=restarts,
-        last_exit=last_exit,
-        quarantined_until=until,
-    )
-
-
-def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
-    cursor, id_, message_id, session, idx, text, kind, origin, attempts, error, created = row
-    reply = Reply(
-        id=id_,
-        in_reply_to=message_id,
-        session=session,
-        index=idx,
-        text=bytes(text).decode(),
-        kind=kind,
-        origin=_origin_decode(origin),
-    )
-    return DeadLetter(
-        reply=reply, cursor=cursor, attempts=attempts, last_error=error, created_at=created
-    )
-
-
-def _by_cursor(r: StoredReply) -> int:
-    return r.cursor
-
-
-def _message(row: tuple[Any, ...]) -> Message:
-    seq, id_, session, text, origin, attempts, state = row
-    return Message(
-        id=id_,
-        session=session,
-        text=bytes(text).decode(),
-        origin=_origin_decode(origin),
-        seq=seq,
-        attempts=attempts,
-        state=state,
-    )
-
-
-def _stored_reply(row: tuple[Any, ...]) -> StoredReply:
-    cursor, id_, message_id, session, idx, text, kind, origin, delivery, attempts, created = row
-    reply = Reply(
-        id=id_,
-        in_reply_to=message_id,
-        session=session,
-        index=idx,
-        text=bytes(text).decode(),
-        kind=kind,
-        origin=_origin_decode(origin),
-    )
-    return StoredReply(
-        reply=reply, cursor=cursor, delivery=delivery, attempts=attempts, created_at=created
-    )
-
-
-def _diagnostic(text: str | None) -> str | None:
-    """A corral-made diagnostic for a `text` column, which cannot hold NUL."""
-    return None if text is None else str(text).replace("\x00", "\ufffd")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for fut, value, error in results:
-        _settle(fut, value, error)
-
-
-def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(value)
 
 
 __all__ = [
