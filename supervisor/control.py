@@ -158,14 +158,14 @@ class ControlServer:
     async def list_sessions(self, request: web.Request) -> web.Response:
         if request.query.get("all", "") not in ("1", "true", "yes"):
             return _respond(views.session_list(self.sup))
-        stored = await _stored(self.sup.store.session_summaries())
+        stored = await _stored(views.stored_sessions(self.sup))
         return _respond(views.session_list(self.sup, stored))
 
     async def show(self, request: web.Request) -> web.Response:
         key = self._session_key(request)
         live = self.sup.sessions.get(key) is not None
         try:
-            stored = await _stored(self.sup.store.session_summaries(key))
+            stored = await _stored(views.stored_sessions(self.sup, key))
         except Refusal:
             if not live:
                 raise
@@ -180,32 +180,22 @@ class ControlServer:
 
     async def history(self, request: web.Request) -> web.Response:
         key = self._session_key(request)
-        items = await _stored(self.sup.store.history(key, _limit(request, HISTORY_LIMIT)))
-        return _respond(views.history(key, items))
+        limit = _limit(request, HISTORY_LIMIT)
+        return _respond(await _stored(views.stored_history(self.sup, key, limit)))
 
     async def dead_letters(self, request: web.Request) -> web.Response:
-        rows = await _stored(self.sup.store.dead_letters(_limit(request, DEAD_LETTER_LIMIT)))
-        return _respond(views.dead_letters(rows))
+        limit = _limit(request, DEAD_LETTER_LIMIT)
+        return _respond(await _stored(views.stored_dead_letters(self.sup, limit)))
 
     async def retry_dead_letters(self, request: web.Request) -> web.Response:
-        """Put dead letters back into delivery and wake their channels' outbox loops:
-        the store's update commits first, then the wake-up, so a loop that just looked
-        finds them on its next look."""
+        """Put dead letters back into delivery (Supervisor.retry_dead_letters)."""
         try:
             asked = msgspec.json.decode(await request.read(), type=RetryRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise Refusal(400, f"invalid retry request: {e}") from None
         if asked.all == bool(asked.ids):
             raise Refusal(400, "name the replies to retry, or all of them: not both, not neither")
-        channels = list(self.sup.outbox.channels)
-        retried = await _stored(
-            self.sup.store.retry_dead_letters(None if asked.all else asked.ids, channels)
-        )
-        for stored in retried:
-            self.sup.outbox.on_reply(stored.reply)
-        ids = [r.reply.id for r in retried]
-        if ids:
-            log.info("control: %d dead letters back in delivery", len(ids))
+        ids = await _stored(self.sup.retry_dead_letters(None if asked.all else asked.ids))
         done = set(ids)
         return _respond(RetryResult(ids, [i for i in asked.ids if i not in done]))
 

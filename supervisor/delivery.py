@@ -165,6 +165,17 @@ class Outbox:
         if channel is not None:
             channel.wake.set()
 
+    async def retry_dead_letters(self, ids: list[str] | None) -> list[str]:
+        """Put dead letters (all of them: None) of configured channels back into delivery,
+        with fresh attempts; the ids retried. The store's update commits before the
+        wake-up, so a delivery loop that just looked finds them on its next look."""
+        retried = await self.store.retry_dead_letters(ids, list(self.channels))
+        for stored in retried:
+            self.on_reply(stored.reply)
+        if retried:
+            log.info("%d dead letters back in delivery", len(retried))
+        return [r.reply.id for r in retried]
+
     async def prepare(self) -> None:
         dropped = await self.store.dead_letter_unrouted(list(self.channels))
         if dropped:

@@ -381,6 +381,10 @@ class Supervisor:
         reason = w.exit.reason if w.exit else ExitReason.KILLED
         return KillResult(session=key, pid=w.pid, reason=reason, reaped=w.reaped.is_set())
 
+    async def retry_dead_letters(self, ids: list[str] | None) -> list[str]:
+        """Put dead-lettered replies back into delivery (all: None); the ids retried."""
+        return await self.outbox.retry_dead_letters(ids)
+
     async def release(self, key: str) -> bool:
         """Lift a session's quarantine now; False if it is not quarantined."""
         if not await self.crashloops.release(key):

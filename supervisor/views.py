@@ -89,6 +89,19 @@ def session_list(sup: Supervisor, stored: list[SessionSummary] | None = None) ->
     return SessionList([session_info(sup, k, by_key.get(k)) for k in keys])
 
 
+async def stored_sessions(sup: Supervisor, key: str | None = None) -> list[SessionSummary]:
+    """What the store knows of sessions (all, or one), live or not."""
+    return await sup.store.session_summaries(key)
+
+
+async def stored_history(sup: Supervisor, key: str, limit: int) -> History:
+    return history(key, await sup.store.history(key, limit))
+
+
+async def stored_dead_letters(sup: Supervisor, limit: int) -> DeadLetterList:
+    return dead_letters(await sup.store.dead_letters(limit))
+
+
 def history(key: str, items: list[HistoryItem]) -> History:
     """`corral history`: each message, then its replies, oldest first."""
     entries: list[HistoryEntry] = []
