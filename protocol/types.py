@@ -80,6 +80,7 @@ class Origin(msgspec.Struct, frozen=True, kw_only=True):
     chat: str = ""
     thread: str = ""
     user: str = ""
+    reply_to: str = ""  # the platform's id of the message answered (Telegram: message_id)
 
 
 class Turn(msgspec.Struct, frozen=True, kw_only=True):

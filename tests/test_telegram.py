@@ -301,7 +301,12 @@ def test_updates_map_to_sessions_origins_and_ids():
     assert private.inbound.id == "telegram:main:500"
     assert private.inbound.session == f"telegram:main:{PRIVATE}"
     assert private.inbound.origin == Origin(
-        channel="telegram", account="main", chat=str(PRIVATE), thread="", user="77"
+        channel="telegram",
+        account="main",
+        chat=str(PRIVATE),
+        thread="",
+        user="77",
+        reply_to="9",  # the message answered: a reply in a group quotes it
     )
     in_topic = update(
         chat=chat(FORUM, "supergroup", True), text="t", message_thread_id=7, is_topic_message=True
@@ -331,7 +336,8 @@ def test_only_user_text_becomes_a_message():
     )
     sticker = map_update("main", c, update(chat=chat(PRIVATE), sticker={"file_id": "s"}))
     assert sticker == Notice(
-        Origin(channel="telegram", account="main", chat=str(PRIVATE), user="77"), ONLY_TEXT
+        Origin(channel="telegram", account="main", chat=str(PRIVATE), user="77", reply_to="9"),
+        ONLY_TEXT,
     )
     assert isinstance(map_update("main", c, update(chat=chat(GROUP, "group"), sticker={})), Skip)
     caption = map_update("main", c, update(chat=chat(GROUP, "group"), caption="a photo"))

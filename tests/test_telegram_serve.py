@@ -220,3 +220,44 @@ def test_a_missing_token_variable_is_named_and_serve_exits_2(tmp_path, fake, mon
     assert f"channels.telegram.main.token_env: the environment variable {ENV}" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
     assert not os.path.exists(Path(c.state) / "corral.db")
+
+
+GROUP = -4001
+
+
+def test_a_group_message_is_answered_in_the_group_with_typing_through_a_7_second_turn(corral, fake):
+    c = corral(bot(fake), agent=CHAOS)
+    update = fake.user_message(TOKEN, GROUP, "sleep 7; echo the group's answer", chat_type="group")
+    (reply,) = fake.wait_sent(TOKEN, 1, timeout=90)
+    assert (reply["chat_id"], reply["text"]) == (GROUP, "the group's answer")
+    # in a group the reply quotes the message it answers (the origin carries it)
+    assert reply["reply_to_message_id"] == update["message"]["message_id"]
+    typing = [a for a in fake.chat_actions(TOKEN) if a["chat_id"] == GROUP]
+    # refreshed about every 4 s while the turn runs: at least twice in 7 s
+    assert len(typing) >= 2 and all(a["action"] == "typing" for a in typing)
+    assert TOKEN not in c.log() and TOKEN.split(":")[1] not in c.log()
+
+
+def test_a_kill_9_with_30_updates_in_flight_loses_none(tmp_path, fake):
+    c = Corral(tmp_path, bot(fake), agent=CHAOS).start()
+    expected = [f"answer {i:02d}" for i in range(30)]
+    try:
+        for text in expected:
+            fake.user_message(TOKEN, PRIVATE, f"sleep 0.2; echo {text}")
+        until(lambda: len(fake.sent(TOKEN)) >= 3, what="the first answers")
+        c.kill9()
+        assert len(fake.sent(TOKEN)) < 30, "all answered before the kill: nothing was in flight"
+        assert not c.leftovers(), "a worker outlived its supervisor"
+        c.start()
+        until(lambda: {m["text"] for m in fake.sent(TOKEN)} >= set(expected), timeout=120)
+        time.sleep(3)  # long enough for a late second answer to show up, if there were one
+        texts = [m["text"] for m in fake.sent(TOKEN)]
+        assert set(texts) == set(expected)
+        assert len(texts) - len(expected) <= 1  # at most the reply in flight at the kill
+        firsts = sorted(set(texts), key=texts.index)
+        assert firsts == expected  # one chat's answers in the order its messages came
+        assert c.stop() == 0
+    finally:
+        if c.proc is not None and c.proc.poll() is None:
+            c.kill9()
+    assert not c.leftovers()

@@ -126,6 +126,7 @@ def map_update(bot: str, cfg: TelegramConfig, update: Update, username: str = ""
         chat=str(chat.id),
         thread="" if topic is None else str(topic),
         user="" if m.from_ is None else str(m.from_.id),
+        reply_to=str(m.message_id),
     )
     session = session_key(bot, chat.id, topic if cfg.sessions == "topic" else None)
     text = m.text if m.text is not None else m.caption

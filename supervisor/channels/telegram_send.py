@@ -104,9 +104,8 @@ def action_thread(origin: Origin) -> int | None:
 
 
 def reply_to_of(origin: Origin) -> int | None:
-    """The message a reply quotes: in groups only, from `Origin.reply_to` once that
-    field exists (proposed); None until then."""
-    value = getattr(origin, "reply_to", "")
+    """The message a reply quotes: in groups only (in a private chat it is plain)."""
+    value = origin.reply_to
     if not value or not str(value).isdigit() or not origin.chat.startswith("-"):
         return None
     return int(value)
