@@ -56,9 +56,11 @@ from corral.supervisor.store import (
 )
 from corral.supervisor.store_pg_delivery import PgDeliveryOps
 from corral.supervisor.store_pg_rows import (
-    _MESSAGE_COLUMNS,
     _diagnostic,
     _first_line,
+)
+from corral.supervisor.store_rows import (
+    _MESSAGE_COLUMNS,
     _message,
     _origin_encode,
 )

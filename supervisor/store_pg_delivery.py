@@ -12,18 +12,12 @@ import psycopg
 
 from corral.protocol.types import ERROR, Reply, reply_id
 from corral.supervisor.store_pg_rows import (
+    _diagnostic,
+)
+from corral.supervisor.store_rows import (
     _DEAD_COLUMNS,
     _MESSAGE_COLUMNS,
     _REPLY_COLUMNS,
-    _by_cursor,
-    _dead_letter,
-    _diagnostic,
-    _message,
-    _origin_encode,
-    _stored_reply,
-    _summary,
-)
-from corral.supervisor.store_rows import (
     FETCHED,
     PENDING,
     DeadLetter,
@@ -31,6 +25,12 @@ from corral.supervisor.store_rows import (
     Message,
     SessionSummary,
     StoredReply,
+    _by_cursor,
+    _dead_letter,
+    _message,
+    _origin_encode,
+    _stored_reply,
+    _summary,
 )
 
 T = TypeVar("T")

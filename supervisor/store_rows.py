@@ -103,11 +103,16 @@ _DEAD_COLUMNS = (
 )
 
 
+def _text(value: str | bytes | memoryview) -> str:
+    """A text column: str in SQLite, UTF-8 bytea in PostgreSQL (where NUL must survive)."""
+    return value if isinstance(value, str) else bytes(value).decode()
+
+
 def _summary(row: tuple[Any, ...]) -> SessionSummary:
     key, n, last, restarts, last_exit, until = row
     return SessionSummary(
         session=key,
-        messages=n,
+        messages=int(n),
         last_message_at=last,
         restarts=restarts,
         last_exit=last_exit,
@@ -115,19 +120,24 @@ def _summary(row: tuple[Any, ...]) -> SessionSummary:
     )
 
 
-def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
-    cursor, id_, message_id, session, idx, text, kind, origin, attempts, error, created = row
-    reply = Reply(
+def _reply(
+    id_: str, message_id: str, session: str, idx: int, text: Any, kind: str, origin: Any
+) -> Reply:
+    return Reply(
         id=id_,
         in_reply_to=message_id,
         session=session,
         index=idx,
-        text=text,
+        text=_text(text),
         kind=kind,
         origin=_origin_decode(origin),
     )
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    cursor, *reply, attempts, error, created = row
     return DeadLetter(
-        reply=reply, cursor=cursor, attempts=attempts, last_error=error, created_at=created
+        reply=_reply(*reply), cursor=cursor, attempts=attempts, last_error=error, created_at=created
     )
 
 
@@ -140,7 +150,7 @@ def _message(row: tuple[Any, ...]) -> Message:
     return Message(
         id=id_,
         session=session,
-        text=text,
+        text=_text(text),
         origin=_origin_decode(origin),
         seq=seq,
         attempts=attempts,
@@ -149,16 +159,11 @@ def _message(row: tuple[Any, ...]) -> Message:
 
 
 def _stored_reply(row: tuple[Any, ...]) -> StoredReply:
-    cursor, id_, message_id, session, idx, text, kind, origin, delivery, attempts, created = row
-    reply = Reply(
-        id=id_,
-        in_reply_to=message_id,
-        session=session,
-        index=idx,
-        text=text,
-        kind=kind,
-        origin=_origin_decode(origin),
-    )
+    cursor, *reply, delivery, attempts, created = row
     return StoredReply(
-        reply=reply, cursor=cursor, delivery=delivery, attempts=attempts, created_at=created
+        reply=_reply(*reply),
+        cursor=cursor,
+        delivery=delivery,
+        attempts=attempts,
+        created_at=created,
     )
