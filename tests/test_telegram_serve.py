@@ -261,3 +261,30 @@ def test_a_kill_9_with_30_updates_in_flight_loses_none(tmp_path, fake):
         if c.proc is not None and c.proc.poll() is None:
             c.kill9()
     assert not c.leftovers()
+
+
+def test_a_429_with_retry_after_3_is_honoured_and_holds_up_no_other_chat(corral, fake):
+    corral(bot(fake))
+    fake.fault(
+        TOKEN,
+        "sendMessage",
+        status=429,
+        description="Too Many Requests: retry after 3",
+        retry_after=3,
+        chat_id=PRIVATE,
+    )
+    fake.user_message(TOKEN, PRIVATE, "rate limited chat")
+
+    def limited() -> float | None:
+        asked = [
+            p for p in fake.requests(TOKEN, "sendMessage") if str(p["chat_id"]) == str(PRIVATE)
+        ]
+        return time.time() if asked else None
+
+    limited_at = until(limited, what="the first, refused send")
+    fake.user_message(TOKEN, GROUP, "another chat", chat_type="group")
+    until(lambda: len(fake.sent(TOKEN)) == 2, what="both replies")
+    sent = {m["text"]: m["at"] for m in fake.sent(TOKEN)}
+    assert sent["another chat"] < sent["rate limited chat"]  # the other chat was not held up
+    assert sent["rate limited chat"] >= limited_at + 2.9  # not before retry_after
+    assert fake.early_sends(TOKEN) == []  # no send to that chat inside the 3 s
