@@ -73,6 +73,7 @@ class Supervisor:
         telegram_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.config_path = ""  # the file it was read from ("": built-in defaults); by serve
         self.limits = config.limits
         self.store = store or make_store(config)
         self.metrics = Metrics()

@@ -51,12 +51,14 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 import traceback
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -77,7 +79,25 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-INSTALL_HINT = "the openai agent needs the OpenAI SDK: pip install 'corral[openai]'"
+
+def install_hint() -> str:
+    """How to install the SDK into the Python that runs corral: from a checkout (an
+    editable install) `pip install -e '.[openai]'` there, else the published extra."""
+    pip = f"{sys.executable} -m pip install"
+    try:
+        direct = metadata.distribution("corral").read_text("direct_url.json") or "{}"
+        url = json.loads(direct)
+    except (metadata.PackageNotFoundError, ValueError):
+        url = {}
+    if url.get("dir_info", {}).get("editable") and str(url.get("url", "")).startswith("file://"):
+        checkout = str(url["url"]).removeprefix("file://")
+        return (
+            f"the openai agent needs the OpenAI SDK, which is not installed: "
+            f"run `{pip} -e '.[openai]'` in {checkout}"
+        )
+    return f"the openai agent needs the OpenAI SDK, which is not installed: {pip} 'corral[openai]'"
+
+
 OPENAI_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "unused"
 PROGRESS_EVERY = 0.25  # seconds between progress reports while a stream flows
@@ -118,6 +138,11 @@ def load_options(raw: dict[str, Any]) -> Options:
     try:
         options = msgspec.convert(raw, Options, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:
+        if m := re.fullmatch(r"Object contains unknown field `(.+)`", str(e)):
+            raise TurnError(
+                f"agent.options.{m[1]}: unknown option (the openai agent knows "
+                f"{', '.join(Options.__struct_fields__)})"
+            ) from None
         where = re.sub(r"`\$\.([^`]*)`", r"agent.options.\1", str(e))
         raise TurnError(f"agent.options: {where}") from None
     if urlsplit(options.base_url).scheme not in ("http", "https"):
@@ -624,10 +649,20 @@ def converse(
     )
 
 
+def check_options(raw: dict[str, Any]) -> None:
+    """The options schema, checked by `corral config check` and at the zygote's start
+    (so `serve` fails at start): the SDK is there, every option known and valid, and
+    every tool importable. The API key is not checked: the service's environment may
+    not be the one `config check` runs in."""
+    if openai is None:
+        raise TurnError(install_hint())
+    load_tools(load_options(raw).tools)
+
+
 def agent(turn: Turn, ctx: Context) -> None:
     """Answer one turn with the configured OpenAI-compatible endpoint."""
     if openai is None:
-        raise TurnError(INSTALL_HINT)
+        raise TurnError(install_hint())
     options = load_options(ctx.options)
     key = api_key(options)
     redact = Redactor(key)
@@ -649,3 +684,6 @@ def agent(turn: Turn, ctx: Context) -> None:
         raise TurnError(redact(f"the openai agent failed: {type(e).__name__}: {e}")) from None
     ctx.log.info("model %s answered in %.1fs", options.model, time.monotonic() - started)
     ctx.reply(text)
+
+
+agent.check_options = check_options  # type: ignore[attr-defined]
