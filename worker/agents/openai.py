@@ -58,7 +58,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -81,18 +81,14 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def install_hint() -> str:
-    """How to install the SDK into the Python that runs corral: from a checkout (an
-    editable install) `pip install -e '.[openai]'` there, else the published extra."""
+    """How to install the SDK into the Python that runs corral: in a checkout (this file
+    is worker/agents/openai.py under a pyproject.toml) `pip install -e '.[openai]'`
+    there, else the published extra."""
     pip = f"{sys.executable} -m pip install"
-    try:
-        direct = metadata.distribution("corral").read_text("direct_url.json") or "{}"
-        url = json.loads(direct)
-    except (metadata.PackageNotFoundError, ValueError):
-        url = {}
-    if url.get("dir_info", {}).get("editable") and str(url.get("url", "")).startswith("file://"):
-        checkout = str(url["url"]).removeprefix("file://")
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "worker" / "agents").is_dir():
         return (
-            f"the openai agent needs the OpenAI SDK, which is not installed: "
+            "the openai agent needs the OpenAI SDK, which is not installed: "
             f"run `{pip} -e '.[openai]'` in {checkout}"
         )
     return f"the openai agent needs the OpenAI SDK, which is not installed: {pip} 'corral[openai]'"
@@ -655,7 +651,7 @@ def check_options(raw: dict[str, Any]) -> None:
     every tool importable. The API key is not checked: the service's environment may
     not be the one `config check` runs in."""
     if openai is None:
-        raise TurnError(install_hint())
+        raise TurnError(f"agent.entrypoint: {install_hint()}")
     load_tools(load_options(raw).tools)
 
 
