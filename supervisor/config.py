@@ -69,6 +69,11 @@ class LimitsConfig(_Section):
 class HttpChannelConfig(_Section):
     listen: str = "127.0.0.1:8787"
     token: str = ""
+    # slow clients: a request head, a body, an idle connection each get this long
+    header_timeout: Duration = Duration(10)
+    body_timeout: Duration = Duration(30)
+    keepalive_timeout: Duration = Duration(15)
+    max_connections: PositiveInt = 512  # past it: 503 and closed
 
 
 class WebhookConfig(_Section):
