@@ -39,6 +39,7 @@ log = logging.getLogger("corral.http")
 
 CHANNEL = HTTP_CHANNEL
 MAX_WAIT = 300.0
+LINGER = 2.0
 RETRY_AFTER_DRAINING = "5"
 
 
@@ -190,6 +191,9 @@ class HttpChannel:
             max_connections=http.max_connections,
             header_timeout=float(http.header_timeout),
             keepalive_timeout=float(http.keepalive_timeout),
+            # after an answer given before the body was read (413): how long the rest of
+            # the body is read and dropped, so the client sees the answer, not a reset
+            lingering_time=LINGER,
             access_log=None,
             handle_signals=False,
         )
@@ -226,8 +230,12 @@ class HttpChannel:
             resp.force_close()  # the rest of the body is not read
             return resp
         except BodyTimeout:
+            # answered and closed here: aiohttp would otherwise linger reading the rest
             resp = error(408, f"the request body took longer than {self.body_timeout:g}s")
             resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
             return resp
         except ClientGone:
             return error(400, "the client went away")  # nobody reads it
