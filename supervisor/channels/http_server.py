@@ -101,7 +101,10 @@ class GuardedHandler(RequestHandler):
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
-        waiting = self._waiter is not None and not self._waiter.done() and not self._messages
+        # between requests (start() waits for one), or before the first: the handler
+        # task may not have run yet when a connection's first bytes arrive
+        idle = self._waiter is not None and not self._waiter.done()
+        waiting = not self._messages and (idle or self._request_count == 0)
         before = self._request_count
         super().data_received(data)
         if data and waiting and self._request_count == before and self._header_timer is None:
