@@ -19,13 +19,20 @@ from corral.cli.client import (
     Refused,
     post_message,
 )
-from corral.supervisor.config import Config, ConfigError, load_config
+from corral.supervisor.config import Config, ConfigError, find_config_path, load_config
 from corral.supervisor.logs import logging_to_stderr
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+CONFIG_PATH = "corral.config_path"
+
+
 def _load(config_path: str | None) -> Config:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # which file it was, for `serve` to log and `status` to show
+        found = find_config_path(config_path)
+        ctx.meta[CONFIG_PATH] = None if found is None else found.absolute()
     try:
         return load_config(config_path)
     except ConfigError as e:
@@ -123,8 +130,9 @@ def serve(config: Config, log_level: str) -> None:
     # imported here: the client commands need none of the supervisor
     from corral.supervisor.app import serve as run
 
+    path = click.get_current_context().meta.get(CONFIG_PATH)
     with logging_to_stderr(log_level):
-        code = asyncio.run(run(config))
+        code = asyncio.run(run(config, path))
     sys.exit(code)
 
 
@@ -380,11 +388,26 @@ def config() -> None:
 
 
 @config.command(name="check")
-@click.argument("path", type=click.Path(dir_okay=False))
-def config_check(path: str) -> None:
-    """Check a corral.toml: every key known, every value valid."""
-    cfg = _load(path)
-    click.echo(f"{path}: ok (agent {cfg.agent.entrypoint}, state in {cfg.state_path})")
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
+def config_check(path: str | None) -> None:
+    """Check a corral.toml as `serve` would: every key known, every value valid, the agent
+    importable with valid options, the addresses and state dir usable.
+
+    With no PATH: the file `serve` would use ($CORRAL_CONFIG, then ./corral.toml, then
+    the built-in defaults)."""
+    # imported here: only this command loads agent code
+    from corral.cli.check import deep_check
+
+    found = find_config_path(path)
+    cfg = _load(None if found is None else str(found))
+    shown = str(found) if found is not None else "no config file, the built-in defaults"
+    problems = deep_check(cfg)
+    if problems:
+        raise click.ClickException("\n".join(f"{shown}: {p}" for p in problems))
+    click.echo(
+        f"{shown}: ok (agent {cfg.agent.entrypoint}, state in {cfg.state_path}, "
+        f"http on {cfg.channels.http.listen}, metrics on {cfg.metrics.listen})"
+    )
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ def status_fields(st: Status) -> list[str]:
             "version": st.version,
             "uptime": fmt_secs(st.uptime),
             "state": "draining" if st.draining else "serving",
+            "config": st.config or "(none: built-in defaults)",
             "agent": st.agent,
             "state dir": st.state_dir,
             "zygote pid": st.zygote_pid or "-",

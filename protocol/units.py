@@ -6,7 +6,10 @@ strings like "512MiB", "2GiB".
 
 from __future__ import annotations
 
+import math
 import re
+
+DURATION_MAX = 1e9
 
 
 class Duration(float):
@@ -46,8 +49,12 @@ def parse_duration(value: object) -> Duration:
         seconds = float(m[1]) * _DURATION_UNITS[m[2]]
     else:
         raise ValueError(f'invalid duration {value!r}: use seconds or "250ms", "30s", "5m", "1h"')
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration must be a finite number of seconds, got {value!r}")
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
+    if seconds > DURATION_MAX:  # past this, timers and thread waits overflow
+        raise ValueError(f"duration must be at most {DURATION_MAX:g}s (about 31 years)")
     return Duration(seconds)
 
 
@@ -57,7 +64,10 @@ def parse_size(value: object) -> Size:
     if isinstance(value, int):
         n = value
     elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value)):
-        n = int(float(m[1]) * _SIZE_UNITS[m[2]])
+        scaled = float(m[1]) * _SIZE_UNITS[m[2]]
+        if not math.isfinite(scaled):
+            raise ValueError(f"size {value!r} is too large")
+        n = int(scaled)
     else:
         raise ValueError(f'invalid size {value!r}: use bytes or "512KiB", "200MiB", "2GiB"')
     if n <= 0:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -66,6 +68,21 @@ def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
     sup.lag.on_tick.append(tick)
 
 
+def listening(config: Config) -> str:
+    """Where each channel listens, for the start-up line."""
+    where = [
+        f"http on {config.channels.http.listen}",
+        *(f"webhook {name} on {config.channels.http.listen}" for name in config.channels.webhook),
+        *(
+            f"telegram {name} polling {bot.api_url}"
+            for name, bot in config.channels.telegram.items()
+        ),
+        f"metrics on {config.metrics.listen}",
+        f"control socket {config.control_socket_path}",
+    ]
+    return ", ".join(where)
+
+
 def open_store(config: Config) -> AnyStore:
     # for the durability benchmark only: the same run without fsync at commit
     no_fsync = os.environ.get("CORRAL_BENCH_NO_FSYNC") == "1"
@@ -74,8 +91,24 @@ def open_store(config: Config) -> AnyStore:
     return make_store(config, durable=not no_fsync)
 
 
-async def serve(config: Config) -> int:
-    """Run the supervisor; the process exit code."""
+class StartError(Exception):
+    """A start-up step failed; the message names the config key to look at."""
+
+
+async def started(key: str, value: object, step: Awaitable[None]) -> None:
+    """Await one start-up step; an OSError becomes a StartError naming `key`."""
+    try:
+        await step
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.errno == errno.EADDRINUSE:
+            why = "the address is already in use (another corral, or another program?)"
+        raise StartError(f"{key} = {str(value)!r}: {why}") from None
+
+
+async def serve(config: Config, config_path: Path | None = None) -> int:
+    """Run the supervisor (its config read from `config_path`, None: the built-in
+    defaults); the process exit code."""
     loop = asyncio.get_running_loop()
     # The store, sampler and scrape threads hold the GIL for up to this long before
     # the loop gets it back; 5 ms (the default) shows up as loop lag under load.
@@ -89,10 +122,18 @@ async def serve(config: Config) -> int:
         return 2
     try:
         lock_fd = lock_state_dir(config.state_path)
-    except (StateDirBusy, OSError) as e:
+    except StateDirBusy as e:
         log.error("cannot start: %s", e)
         return 2
+    except OSError as e:
+        log.error(
+            "cannot start: supervisor.state_dir = %r: %s",
+            str(config.state_path),
+            e.strerror or e,
+        )
+        return 2
     sup = Supervisor(config, store=open_store(config), telegram_tokens=tokens)
+    sup.config_path = "" if config_path is None else str(config_path)
     http = HttpChannel(sup, sup.inbox, config)
     control = ControlServer(sup, config.control_socket_path, config.supervisor.control_socket_mode)
     metrics = MetricsServer(
@@ -113,12 +154,17 @@ async def serve(config: Config) -> int:
                 sup.services.start("node lock", node_lock.watch)
             await sup.start()
             stack.push_async_callback(control.stop)
-            await control.start()
+            socket_key = (
+                "supervisor.control_socket"
+                if config.supervisor.control_socket
+                else "supervisor.state_dir"
+            )
+            await started(socket_key, config.control_socket_path, control.start())
             stack.push_async_callback(http.stop)
-            await http.start()
+            await started("channels.http.listen", config.channels.http.listen, http.start())
             stack.push_async_callback(metrics.stop)
-            await metrics.start()
-        except (SpawnError, ControlSocketBusy, StoreError, OSError) as e:
+            await started("metrics.listen", config.metrics.listen, metrics.start())
+        except (SpawnError, ControlSocketBusy, StoreError, StartError, OSError) as e:
             log.error("cannot start: %s", e)
             return 2
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,7 +172,11 @@ async def serve(config: Config) -> int:
         feed_systemd(sup, notifier)
         notifier.notify("READY=1", views.systemd_status(sup))
         log.info(
-            "corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path
+            "corral is serving: config %s; agent %s; state in %s; %s",
+            sup.config_path or "(none: built-in defaults)",
+            config.agent.entrypoint,
+            config.state_path,
+            listening(config),
         )
         await sup.wait_stop_requested()
         notifier.notify("STOPPING=1", "STATUS=draining")

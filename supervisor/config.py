@@ -69,6 +69,11 @@ class LimitsConfig(_Section):
 class HttpChannelConfig(_Section):
     listen: str = "127.0.0.1:8787"
     token: str = ""
+    # slow clients: a request head, a body, an idle connection each get this long
+    header_timeout: Duration = Duration(10)
+    body_timeout: Duration = Duration(30)
+    keepalive_timeout: Duration = Duration(15)
+    max_connections: PositiveInt = 512  # past it: 503 and closed
 
 
 class WebhookConfig(_Section):
@@ -128,12 +133,33 @@ class Config(_Section):
         return self.state_path / "control.sock"
 
 
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
 def split_listen(value: str, key: str) -> tuple[str, int]:
-    """ "host:port" -> (host, port); "[::1]:80" for IPv6."""
+    """ "host:port" -> (host, port); "[::1]:80" for IPv6; ":80" for every address."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f'{key}: expected "HOST:PORT", got {value!r}')
-    return host.strip("[]") or "0.0.0.0", int(port)
+        raise ConfigError(f'{key}: expected "HOST:PORT" with a port 1-65535, got {value!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigError(f'{key}: write an IPv6 address in brackets, "[{host}]:{port}"')
+    elif host and not _is_ip(host) and not _HOSTNAME_RE.fullmatch(host):
+        raise ConfigError(f"{key}: {host!r} is neither an IP address nor a host name")
+    return host or "0.0.0.0", int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -195,7 +221,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "channels.http.token: required when channels.http.listen is not a loopback address"
         )
-    split_listen(cfg.metrics.listen, "metrics.listen")
+    metrics = split_listen(cfg.metrics.listen, "metrics.listen")
+    if metrics == split_listen(cfg.channels.http.listen, "channels.http.listen"):
+        raise ConfigError(
+            f"metrics.listen: {cfg.metrics.listen} is also channels.http.listen: "
+            "give each its own port"
+        )
+    _validate_socket_path(cfg)
     for name, hook in cfg.channels.webhook.items():
         if not _WEBHOOK_NAME_RE.fullmatch(name) or name == "http":
             raise ConfigError(
@@ -205,6 +237,26 @@ def _validate(cfg: Config) -> None:
         if not hook.url.startswith(("http://", "https://")):
             raise ConfigError(f"channels.webhook.{name}.url: expected an http(s) URL")
     _validate_telegram(cfg)
+
+
+# sockaddr_un.sun_path is 108 bytes on Linux, its NUL included: bind() fails past it
+SOCKET_PATH_MAX = 107
+
+
+def _validate_socket_path(cfg: Config) -> None:
+    path = os.fsencode(os.path.abspath(cfg.control_socket_path))
+    if len(path) <= SOCKET_PATH_MAX:
+        return
+    key = "supervisor.control_socket" if cfg.supervisor.control_socket else "supervisor.state_dir"
+    raise ConfigError(
+        f"{key}: the control socket {os.fsdecode(path)} is {len(path)} bytes long, "
+        f"more than a Unix socket path can be ({SOCKET_PATH_MAX}): use a shorter "
+        + (
+            "path"
+            if cfg.supervisor.control_socket
+            else "state_dir, or set supervisor.control_socket to a short path"
+        )
+    )
 
 
 def _validate_telegram(cfg: Config) -> None:
@@ -267,7 +319,7 @@ def parse_config(data: bytes | str, source: str = "<config>") -> Config:
     try:
         cfg = msgspec.toml.decode(data, type=Config, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{source}: {_keyed(str(e))}") from None
+        raise ConfigError(f"{source}: {_named_entry(data, str(e)) or _keyed(str(e))}") from None
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     try:
@@ -275,6 +327,41 @@ def parse_config(data: bytes | str, source: str = "<config>") -> Config:
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+# tables of named entries: msgspec's error says `channels.webhook[...]`, not which one
+_NAMED_TABLES: dict[tuple[str, str], type[msgspec.Struct]] = {
+    ("channels", "webhook"): WebhookConfig,
+    ("channels", "telegram"): TelegramConfig,
+}
+
+
+def _named_entry(data: bytes | str, message: str) -> str | None:
+    """The error of the first bad entry of a named table, keyed by its name."""
+    if "[...]" not in message:
+        return None
+    try:
+        raw = msgspec.toml.decode(data)
+    except msgspec.DecodeError:
+        return None
+    for (section, table), kind in _NAMED_TABLES.items():
+        entries = raw.get(section, {}).get(table, {}) if isinstance(raw, dict) else {}
+        if not isinstance(entries, dict):
+            continue
+        for name, entry in entries.items():
+            try:
+                msgspec.convert(entry, kind, dec_hook=_dec_hook)
+            except msgspec.ValidationError as e:
+                text, _, where = str(e).rpartition(" - at `")
+                field = where.rstrip("`").removeprefix("$").lstrip(".") if text else ""
+                text = text or str(e)
+                key = f"{section}.{table}.{name}" + (f".{field}" if field else "")
+                if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+                    return f"{key}.{m[1]}: unknown key"
+                if m := re.fullmatch(r"Object missing required field `(.+)`", text):
+                    return f"{key}.{m[1]}: required, not set"
+                return f"{key}: {text}"
+    return None
 
 
 def _keyed(message: str) -> str:

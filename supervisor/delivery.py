@@ -11,10 +11,13 @@ exponential backoff and jitter; any other status is dead-lettered at once; and
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import hashlib
 import hmac
 import logging
 import random
+import re
 import time
 from typing import Protocol
 
@@ -32,6 +35,7 @@ log = logging.getLogger("corral.delivery")
 REQUEST_TIMEOUT = 10.0  # one POST; the receiver's slowness costs only its own channel
 BATCH = 32  # deliveries in flight per channel (distinct sessions)
 SIGNATURE_HEADER = "X-Corral-Signature"
+TIMESTAMP_HEADER = "X-Corral-Timestamp"  # unix seconds of this attempt, in the signature
 
 
 class WebhookReply(msgspec.Struct):
@@ -48,8 +52,33 @@ class WebhookReply(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """X-Corral-Signature: HMAC-SHA256 over "TIMESTAMP.BODY", so a receiver that checks
+    X-Corral-Timestamp's age rejects a captured request replayed later."""
+    signed = timestamp.encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+_DECIMAL_RE = re.compile(r"\s*(\d{1,12}(?:\.\d{1,9})?)\s*")
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Retry-After as seconds from `now`: decimal seconds ("120", "1.5") or an HTTP date
+    ("Wed, 21 Oct 2015 07:28:00 GMT"); None for anything else, which is ignored."""
+    if not value:
+        return None
+    if m := _DECIMAL_RE.fullmatch(value):
+        return float(m[1])
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; one without a zone is taken as such
+        when = when.replace(tzinfo=datetime.UTC)
+    try:
+        return max(0.0, when.timestamp() - now)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def backoff(cfg: DeliveryConfig, attempts: int) -> float:
@@ -95,9 +124,10 @@ class WebhookDelivery:
     async def deliver(self, http: aiohttp.ClientSession, stored: StoredReply) -> None:
         r = stored.reply
         body = _encode(WebhookReply(r.id, r.in_reply_to, r.session, r.text, r.kind, r.origin))
-        headers = {"Content-Type": "application/json"}
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
         if self.hook.secret:
-            headers[SIGNATURE_HEADER] = sign(self.hook.secret, body)
+            headers[SIGNATURE_HEADER] = sign(self.hook.secret, timestamp, body)
         status = 0
         retry_after = None
         try:
@@ -124,8 +154,9 @@ class WebhookDelivery:
             why = f"{error}: gave up after {age:.0f}s"
         else:
             delay = backoff(self.cfg, attempts)
-            if retry_after and retry_after.isdigit():
-                delay = min(float(self.cfg.retry_max), max(delay, float(retry_after)))
+            asked = parse_retry_after(retry_after, time.time())
+            if asked is not None:  # the receiver's wish, within retry_max
+                delay = min(float(self.cfg.retry_max), max(delay, asked))
             await self.store.mark_delivery(r.id, PENDING, attempts, time.time() + delay, error)
             log.info("%s: reply %s: %s; retry %d in %.1fs", self.name, r.id, error, attempts, delay)
             return

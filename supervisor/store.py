@@ -168,6 +168,18 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
 
         return await self._submit(op)
 
+    async def message(self, message_id: str) -> Message | None:
+        """The message stored under this id, if any (a retried id's first)."""
+
+        def op(conn: sqlite3.Connection) -> Message | None:
+            row = conn.execute(
+                "SELECT seq, id, session, text, origin, attempts, state FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            return None if row is None else _message(row)
+
+        return await self._submit(op)
+
     async def pending(self) -> list[Message]:
         """Every message whose turn has not ended, in the order accepted."""
 

@@ -211,6 +211,17 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
 
         return await self._submit(op)
 
+    async def message(self, message_id: str) -> Message | None:
+        """The message stored under this id, if any (a retried id's first)."""
+
+        def op(conn: psycopg.Connection[Any]) -> Message | None:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages WHERE id = %s", (message_id,)
+            ).fetchone()
+            return None if row is None else _message(row)
+
+        return await self._submit(op)
+
     async def pending(self) -> list[Message]:
         """Every message whose turn has not ended, in the order accepted."""
 

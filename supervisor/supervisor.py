@@ -73,6 +73,7 @@ class Supervisor:
         telegram_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.config_path = ""  # the file it was read from ("": built-in defaults); by serve
         self.limits = config.limits
         self.store = store or make_store(config)
         self.metrics = Metrics()
@@ -215,11 +216,23 @@ class Supervisor:
             raise Draining()
         s = self.sessions.get(session)
         if s is not None and len(s.queue) >= self.limits.max_queue:
-            raise QueueFull(f"session {session} has {len(s.queue)} messages waiting")
-        accepted = await self.inbox.accept(session, text, origin, client_id)
+            # a retry of an id already accepted is its duplicate, full queue or not
+            first = await self.store.message(client_id) if client_id else None
+            if first is None:
+                raise QueueFull(f"session {session} has {len(s.queue)} messages waiting")
+            accepted = Accepted(first, True)
+        else:
+            accepted = await self.inbox.accept(session, text, origin, client_id)
         if accepted.duplicate:
-            if accepted.message.session != session:
-                raise IdConflict(f"id {accepted.message.id!r} was already used for another session")
+            first = accepted.message
+            if first.session != session:
+                raise IdConflict(f"id {first.id!r} was already used for another session")
+            if first.origin.channel != origin.channel:
+                # ids are one namespace: a webhook's id equal to an HTTP client's is not
+                # the same message, and is refused rather than silently merged
+                raise IdConflict(
+                    f"id {first.id!r} was already used on channel {first.origin.channel!r}"
+                )
             return accepted
         self.enqueue(accepted.message)
         return accepted

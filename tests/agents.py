@@ -46,3 +46,9 @@ def chatty_thread(turn, ctx):  # type: ignore[no-untyped-def]
 
     threading.Thread(target=chatter, daemon=True).start()
     ctx.reply("started")
+
+
+def log_text(turn, ctx):  # type: ignore[no-untyped-def]
+    """Logs the message's text as it is (newlines and all), then echoes it."""
+    ctx.log.warning("the user said: %s", turn.text)
+    ctx.reply("logged")

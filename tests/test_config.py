@@ -52,7 +52,7 @@ def test_agent_options_are_any_table():
         (b'[channels.http]\nlisten = "nowhere"\n', "channels.http.listen"),
         (b'[agent]\nentrypoint = "no colon"\n', "agent.entrypoint"),
         (b'[channels.webhook.http]\nurl = "http://x"\n', "channels.webhook.http"),
-        (b"[channels.webhook.ops]\n", "channels.webhook[...]: Object missing required field `url`"),
+        (b"[channels.webhook.ops]\n", "channels.webhook.ops.url: required, not set"),
         (b"[limits\n", "not valid TOML"),
     ],
 )

@@ -199,7 +199,9 @@ def test_replies_go_only_to_the_channel_their_message_came_from(corral):
             "ann",
         )
         raw = rx.requests[0]["raw"]
-        expected = "sha256=" + hmac.new(b"s3cret", raw, hashlib.sha256).hexdigest()
+        stamp = rx.requests[0]["headers"]["X-Corral-Timestamp"].encode()
+        signed = stamp + b"." + raw  # the timestamp is signed with the body
+        expected = "sha256=" + hmac.new(b"s3cret", signed, hashlib.sha256).hexdigest()
         assert rx.requests[0]["headers"]["X-Corral-Signature"] == expected
         # the HTTP channel sees only its own reply
         assert [r["text"] for r in all_replies(c, "mix")] == ["via http"]

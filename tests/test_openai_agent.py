@@ -309,7 +309,7 @@ def test_a_tool_with_an_unsupported_parameter_type_is_a_clear_error():
     ("options", "message"),
     [
         ({}, "agent.options.model is not set"),
-        ({"model": "m", "colour": "blue"}, "unknown field `colour`"),
+        ({"model": "m", "colour": "blue"}, "agent.options.colour: unknown option"),
         ({"model": "m", "stream": "yes"}, "agent.options.stream"),
         ({"model": "m", "timeout": "soon"}, "invalid duration"),
         ({"model": "m", "base_url": "127.0.0.1:8080"}, "http:// or https://"),

@@ -172,6 +172,18 @@ def test_the_same_id_twice_is_one_message_and_the_first_one_wins(backend: Backen
     backend.run(body)
 
 
+def test_a_message_is_found_by_its_id_without_accepting_anything(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        first = await store.accept("alice", "one", HOOK, "known")
+        assert await store.message("known") == first.message
+        assert await store.message("unknown") is None
+        assert [m.id for m in await store.pending()] == ["known"]  # the lookup stored nothing
+        await store.close()
+
+    backend.run(body)
+
+
 def test_the_same_ids_from_two_stores_at_once_are_one_message_each(backend: Backend) -> None:
     """Two nodes (or a retry racing its original) accepting the same ids concurrently."""
 

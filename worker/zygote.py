@@ -25,8 +25,9 @@ from pathlib import Path
 
 from corral.protocol import cgroupfs, spawn
 from corral.protocol.procfs import become_subreaper, kill_strays, set_title
+from corral.worker.agentcheck import check_agent
 from corral.worker.confine import confine, die_with_parent
-from corral.worker.runtime import Agent, AgentLoadError, Runtime, load_agent
+from corral.worker.runtime import Agent, AgentLoadError, Runtime
 
 
 def _reaped() -> Iterator[tuple[int, int]]:
@@ -65,9 +66,10 @@ class Zygote:
         if settings.cgroup_workers:
             self.workers_cgroup = Path(settings.cgroup_workers)
         try:
-            self.agent = load_agent(settings.entrypoint)
+            # options too: a bad one fails `serve` at start, not the first turn
+            self.agent = check_agent(settings.entrypoint, settings.options)
         except AgentLoadError as e:
-            self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {e}"))
+            self.send(spawn.SpawnFailed(seq=0, error=str(e)))
             return
         gc.freeze()  # keep preloaded objects out of the collector, so forks share their pages
         self.send(spawn.Ready(pid=os.getpid()))

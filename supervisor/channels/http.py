@@ -11,12 +11,15 @@ nothing but "serving" or "draining". Everything else needs the token when one is
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from corral.protocol.control import Health, MessageResult, ReplyOut
 from corral.protocol.types import (
@@ -26,14 +29,17 @@ from corral.protocol.types import (
     Origin,
     check_session_key,
 )
+from corral.supervisor.channels.http_server import AcceptErrors, Burst, GuardedRunner, json_error
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.inbox import Inbox
+from corral.supervisor.logs import clean
 from corral.supervisor.supervisor import Draining, IdConflict, QueueFull, Supervisor
 
 log = logging.getLogger("corral.http")
 
 CHANNEL = HTTP_CHANNEL
 MAX_WAIT = 300.0
+LINGER = 2.0
 RETRY_AFTER_DRAINING = "5"
 
 
@@ -89,11 +95,38 @@ def json_response(
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response({"error": message}, status, headers)
+    return json_error(status, message, headers)
 
 
 class BadRequest(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request body was in."""
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+def _lone_surrogate(body: bytes) -> str | None:
+    """Which field of a JSON body msgspec refused holds a lone UTF-16 surrogate (a
+    "\\ud800" escape with no pair: JSON allows the escape, Unicode has no such
+    character); None if that is not why."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    for key, field in value.items():
+        if isinstance(field, str):
+            try:
+                field.encode()
+            except UnicodeEncodeError:
+                return str(key)
+    return None
 
 
 def _number(
@@ -112,6 +145,13 @@ def _number(
 
 
 ID_MAX = 200
+
+
+def _closing(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 ORIGIN_FIELD_MAX = 1024  # origin fields ride along in every frame and reply
 
 
@@ -122,7 +162,10 @@ class HttpChannel:
         self.config = config
         self.token = config.channels.http.token
         self.max_text = int(config.limits.max_text)
+        self.body_timeout = float(config.channels.http.body_timeout)
         self._runner: web.AppRunner | None = None
+        self._accept_errors: AcceptErrors | None = None
+        self.gone = Burst(log, logging.INFO)
 
     def app(self) -> web.Application:
         # JSON escaping can grow text up to 6x; past that the text is too long anyway
@@ -139,16 +182,34 @@ class HttpChannel:
         return health(self.sup.draining)
 
     async def start(self) -> None:
-        host, port = split_listen(self.config.channels.http.listen, "channels.http.listen")
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        http = self.config.channels.http
+        host, port = split_listen(http.listen, "channels.http.listen")
+        self._accept_errors = AcceptErrors(asyncio.get_running_loop())
+        self._accept_errors.install()
+        self._runner = GuardedRunner(
+            self.app(),
+            max_connections=http.max_connections,
+            header_timeout=float(http.header_timeout),
+            keepalive_timeout=float(http.keepalive_timeout),
+            # after an answer given before the body was read (413): how long the rest of
+            # the body is read and dropped, so the client sees the answer, not a reset
+            lingering_time=LINGER,
+            access_log=None,
+            handle_signals=False,
+        )
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, shutdown_timeout=1.0).start()
-        log.info("HTTP channel listening on %s", self.config.channels.http.listen)
+        await web.TCPSite(
+            self._runner, host, port, shutdown_timeout=1.0, backlog=min(1024, http.max_connections)
+        ).start()
+        log.info("HTTP channel listening on %s", http.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._accept_errors is not None:
+            self._accept_errors.uninstall()
+            self._accept_errors = None
 
     @web.middleware
     async def guard(
@@ -165,19 +226,65 @@ class HttpChannel:
         except InvalidSessionKey as e:
             return error(400, str(e))
         except web.HTTPRequestEntityTooLarge:
-            return error(400, f"request body too large: text is limited to {self.max_text} bytes")
+            resp = error(413, f"request body too large: text is limited to {self.max_text} bytes")
+            resp.force_close()  # the rest of the body is not read
+            return resp
+        except BodyTimeout:
+            # answered and closed here: aiohttp would otherwise linger reading the rest
+            resp = error(408, f"the request body took longer than {self.body_timeout:g}s")
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
+            return resp
+        except ClientGone:
+            return error(400, "the client went away")  # nobody reads it
         except Draining:
             return error(
                 503, "corral is draining; retry later", {"Retry-After": RETRY_AFTER_DRAINING}
             )
+        except web.HTTPException as e:  # the router's 404 and 405, in JSON like the rest
+            if e.status < 400:
+                raise
+            headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+            what = {
+                404: f"no such route: {request.method} {request.path}",
+                405: f"method {request.method} is not allowed on {request.path}",
+            }.get(e.status, e.reason)
+            return error(e.status, what, headers)
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, within body_timeout; a client gone mid-body is one log line."""
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            self.gone.report(
+                "HTTP: %s sent its body too slowly (channels.http.body_timeout)", request.remote
+            )
+            raise BodyTimeout() from None
+        except (ConnectionError, HttpProcessingError) as e:
+            if isinstance(e, HttpProcessingError) and not _closing(request):
+                raise BadRequest(f"malformed request body: {e.message}") from None
+            self.gone.report(
+                "HTTP: %s went away in the middle of its request body (%s)",
+                request.remote,
+                clean(str(e) or type(e).__name__),
+            )
+            raise ClientGone() from None
 
     async def _decode(self, request: web.Request, kind: type[msgspec.Struct]) -> msgspec.Struct:
-        body = await request.read()
+        body = await self._read(request)
         try:
             msg = msgspec.json.decode(body, type=kind)
         except msgspec.ValidationError as e:
             raise BadRequest(f"invalid message: {e}") from None
         except msgspec.DecodeError as e:
+            if (field := _lone_surrogate(body)) is not None:
+                raise BadRequest(
+                    f"invalid JSON: {field} holds a lone UTF-16 surrogate (an unpaired "
+                    "\\ud800-\\udfff escape), which is no Unicode character"
+                ) from None
             raise BadRequest(f"invalid JSON: {e}") from None
         check_session_key(msg.session)  # type: ignore[attr-defined]
         if len(msg.text.encode()) > self.max_text:  # type: ignore[attr-defined]

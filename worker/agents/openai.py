@@ -51,12 +51,14 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 import traceback
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -77,7 +79,21 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-INSTALL_HINT = "the openai agent needs the OpenAI SDK: pip install 'corral[openai]'"
+
+def install_hint() -> str:
+    """How to install the SDK into the Python that runs corral: in a checkout (this file
+    is worker/agents/openai.py under a pyproject.toml) `pip install -e '.[openai]'`
+    there, else the published extra."""
+    pip = f"{sys.executable} -m pip install"
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "worker" / "agents").is_dir():
+        return (
+            "the openai agent needs the OpenAI SDK, which is not installed: "
+            f"run `{pip} -e '.[openai]'` in {checkout}"
+        )
+    return f"the openai agent needs the OpenAI SDK, which is not installed: {pip} 'corral[openai]'"
+
+
 OPENAI_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "unused"
 PROGRESS_EVERY = 0.25  # seconds between progress reports while a stream flows
@@ -118,6 +134,11 @@ def load_options(raw: dict[str, Any]) -> Options:
     try:
         options = msgspec.convert(raw, Options, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:
+        if m := re.fullmatch(r"Object contains unknown field `(.+)`", str(e)):
+            raise TurnError(
+                f"agent.options.{m[1]}: unknown option (the openai agent knows "
+                f"{', '.join(Options.__struct_fields__)})"
+            ) from None
         where = re.sub(r"`\$\.([^`]*)`", r"agent.options.\1", str(e))
         raise TurnError(f"agent.options: {where}") from None
     if urlsplit(options.base_url).scheme not in ("http", "https"):
@@ -624,10 +645,20 @@ def converse(
     )
 
 
+def check_options(raw: dict[str, Any]) -> None:
+    """The options schema, checked by `corral config check` and at the zygote's start
+    (so `serve` fails at start): the SDK is there, every option known and valid, and
+    every tool importable. The API key is not checked: the service's environment may
+    not be the one `config check` runs in."""
+    if openai is None:
+        raise TurnError(f"agent.entrypoint: {install_hint()}")
+    load_tools(load_options(raw).tools)
+
+
 def agent(turn: Turn, ctx: Context) -> None:
     """Answer one turn with the configured OpenAI-compatible endpoint."""
     if openai is None:
-        raise TurnError(INSTALL_HINT)
+        raise TurnError(install_hint())
     options = load_options(ctx.options)
     key = api_key(options)
     redact = Redactor(key)
@@ -649,3 +680,6 @@ def agent(turn: Turn, ctx: Context) -> None:
         raise TurnError(redact(f"the openai agent failed: {type(e).__name__}: {e}")) from None
     ctx.log.info("model %s answered in %.1fs", options.model, time.monotonic() - started)
     ctx.reply(text)
+
+
+agent.check_options = check_options  # type: ignore[attr-defined]
