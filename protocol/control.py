@@ -105,6 +105,7 @@ class Status(msgspec.Struct, kw_only=True):
     loop_lag_max: float  # seconds, the largest in the last minute
     kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
     pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
+    store: str = "ok"  # or why the store cannot write (a full disk), or is lost
 
 
 class KillResult(msgspec.Struct):

@@ -129,6 +129,8 @@ class Supervisor:
         if pending:
             log.info("re-queued %d unfinished messages from the last run", len(pending))
         await self.outbox.prepare()
+        self.store.on_broken.append(self.give_up)  # the database is gone: exit non-zero
+        self.services.start("inbox writes", self.inbox.run)  # what a full disk refused
         for name, channel in self.outbox.channels.items():
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)

@@ -28,6 +28,7 @@ from corral.protocol.types import (
 )
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.inbox import Inbox
+from corral.supervisor.storethread import StoreError
 from corral.supervisor.supervisor import Draining, IdConflict, QueueFull, Supervisor
 
 log = logging.getLogger("corral.http")
@@ -170,6 +171,8 @@ class HttpChannel:
             return error(
                 503, "corral is draining; retry later", {"Retry-After": RETRY_AFTER_DRAINING}
             )
+        except StoreError as e:  # a full disk, a lost database: nothing was accepted
+            return error(503, f"cannot store messages now: {e}; retry later", {"Retry-After": "5"})
 
     async def _decode(self, request: web.Request, kind: type[msgspec.Struct]) -> msgspec.Struct:
         body = await request.read()
