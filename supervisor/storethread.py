@@ -177,8 +177,10 @@ class StoreThread(Generic[C]):
             except Exception as e:
                 # A failed group (disk full, database gone) fails its operations, not
                 # the store: the thread goes on, and callers see the error.
-                log.error("store: a group of %d operations failed: %s", len(ops), e)
-                error: BaseException = self._note(self._classify(self._failed(conn, e)))
+                error: BaseException = self._classify(self._failed(conn, e))
+                if not isinstance(error, StoreUnavailable | StoreBroken):  # those: logged once
+                    log.error("store: a group of %d operations failed: %s", len(ops), e)
+                self._note(error)
                 results = [(fut, None, error) for _, fut in ops]
             else:
                 results = [(f, v, e and self._note(self._classify(e))) for f, v, e in results]
