@@ -163,6 +163,14 @@ def test_database_replaced_while_serving_is_noticed(tmp_path):
     assert "was replaced by another file while serving" in c.log()
 
 
+def corrupt(db: Path) -> None:
+    """Overwrite every page but the first two with random bytes."""
+    size = db.stat().st_size
+    with open(db, "r+b") as f:
+        f.seek(8192)
+        f.write(os.urandom(size - 8192))
+
+
 def test_corruption_found_while_serving_breaks_the_store(tmp_path):
     async def scenario() -> None:
         store = Store(tmp_path / "corral.db")
@@ -173,12 +181,9 @@ def test_corruption_found_while_serving_breaks_the_store(tmp_path):
             for i in range(400):  # more pages than the connection caches
                 await store.accept(f"s{i}", "x" * 8000, Origin(channel="http"), None)
             await store.close()
-            await store.open()  # a fresh connection: nothing cached
-            store.on_broken.append(broken.append)
-            size = os.path.getsize(tmp_path / "corral.db")
-            with open(tmp_path / "corral.db", "r+b") as f:
-                f.seek(8192)
-                f.write(os.urandom(size - 8192))
+            # closed, the WAL is checkpointed into the file; a fresh connection caches nothing
+            await store.open()
+            corrupt(tmp_path / "corral.db")
             with pytest.raises(StoreBroken, match="is corrupted"):
                 await store.session_summaries()
             await asyncio.sleep(0.1)
@@ -188,7 +193,6 @@ def test_corruption_found_while_serving_breaks_the_store(tmp_path):
         finally:
             await store.close()
 
-    # checkpoint the WAL into the file first, so the corruption is what SQLite reads
     asyncio.run(scenario())
 
 
