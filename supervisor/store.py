@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS reply_parts (
 # SQLite's primary result codes (the low byte of an extended code)
 _IOERR, _CORRUPT, _FULL, _NOTADB = 10, 11, 13, 26
 _READONLY_DBMOVED = 8 | (4 << 8)  # the database file was renamed or deleted since opened
+WAL_LIMIT = 4 * 1024 * 1024  # bytes
 PRIVATE = 0o600  # the database and its -wal and -shm: every message ever accepted
 
 
@@ -131,6 +132,9 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'OFF'}")
             conn.execute("PRAGMA busy_timeout=5000")
+            # a large group (a burst, a retention batch) grows the WAL; after the next
+            # checkpoint it is cut back to this, so the files level off under steady load
+            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
