@@ -241,3 +241,54 @@ def test_config_check_knows_retention_keep(tmp_path):
         timeout=60,
     )
     assert r.returncode != 0 and "retention.keep" in r.stderr + r.stdout
+
+
+def test_full_disk_does_not_end_webhook_delivery_and_every_reply_is_delivered_after(
+    tmp_path, small_disk
+):
+    from tests.receiver import Receiver
+
+    with Receiver([200], delay=2.0) as rx:
+        config = {
+            "supervisor": {"state_dir": str(small_disk)},
+            "channels.webhook.hooks": {"url": rx.url},
+            "delivery": {"retry_initial": "200ms", "retry_max": "1s"},
+        }
+        c = Corral(tmp_path, config, agent=CHAOS).start()
+        ids = []
+        for i in range(4):
+            code, body = c.request(
+                "POST", "/v1/channels/hooks/messages", {"session": f"h{i}", "text": f"echo h{i}"}
+            )
+            assert code == 202, body
+            ids.append(body["id"])
+        rx.wait_requests(0)
+        time.sleep(1.0)  # the replies are stored; their POSTs are in flight
+        filler = fill(small_disk)
+        big = "x" * 30_000
+        for _ in range(40):  # use up what room the WAL had: marking a delivery must fail too
+            code, _ = c.request("POST", "/v1/messages", {"session": "filler", "text": big})
+            if code == 503:
+                break
+        time.sleep(8)  # deliveries finish and cannot be recorded, again and again
+        assert c.proc is not None and c.proc.poll() is None, c.log()
+        filler.unlink()
+        wait_for(lambda: {r["in_reply_to"] for r in rx.delivered()} >= set(ids), timeout=60)
+
+        def recorded() -> bool:
+            db = sqlite3.connect(small_disk / "corral.db")
+            try:
+                rows = db.execute(
+                    "SELECT count(*) FROM replies WHERE channel = 'hooks' "
+                    "AND delivery = 'delivered'"
+                ).fetchone()
+            finally:
+                db.close()
+            return rows[0] == len(ids)
+
+        wait_for(recorded, timeout=60)
+        assert len(rx.requests) > len(ids)  # some deliveries could not be recorded: sent again
+        # a full disk is not a failure of the delivery service (past 5 a minute: exit 1)
+        assert "service delivery to hooks failed" not in c.log()
+        assert "Traceback" not in c.log()
+        assert c.stop() == 0
