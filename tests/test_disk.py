@@ -117,7 +117,7 @@ def test_full_disk_refuses_with_503_and_answers_every_accepted_message_once_spac
     for i, (session, message_id) in enumerate(running.items()):
         texts = [r["text"] for r in replies_of(c, session) if r["in_reply_to"] == message_id]
         assert texts == [f"done{i}"], texts  # the real reply, once: no error, no repeat
-    wait_for(lambda: status(c)["store"] == "ok", timeout=30)
+    wait_for(lambda: status(c)["store"] == "ok", timeout=30)  # nothing left unwritten
     wait_for(lambda: status(c)["inbox"] == 0, timeout=30)
     assert c.texts("after", "still serving") == ["still serving"]
     assert "Traceback" not in c.log()
