@@ -211,7 +211,7 @@ class StoreThread(Generic[C]):
         if self.broken is not None:
             return
         self.broken = why
-        log.critical("store: %s", why)
+        log.critical("store: %s: accepting nothing more; corral exits to be restarted", why)
         assert self._loop is not None
         for callback in self.on_broken:
             self._loop.call_soon_threadsafe(callback, why)
