@@ -184,7 +184,8 @@ class StoreThread(Generic[C]):
                 results = [(fut, None, error) for _, fut in ops]
             else:
                 results = [(f, v, e and self._note(self._classify(e))) for f, v, e in results]
-                if self.unwritable is not None and self._wrote(conn):
+                full = any(isinstance(e, StoreUnavailable) for _, _, e in results)
+                if self.unwritable is not None and not full and self._wrote(conn):
                     log.warning("store: writes succeed again (after: %s)", self.unwritable)
                     self.unwritable = self.unwritable_since = None
             self._loop.call_soon_threadsafe(_settle_all, results)
