@@ -176,6 +176,7 @@ def status_fields(st: Status) -> list[str]:
             "zygote pid": st.zygote_pid or "-",
             "sessions": f"{st.sessions} ({workers})",
             "inbox": st.inbox,
+            "store": st.store,
             "loop lag": f"{st.loop_lag * 1000:.1f}ms "
             f"(max {st.loop_lag_max * 1000:.1f}ms in the last minute)",
             **{f"telegram {p.bot}": poller_line(p) for p in st.pollers},

@@ -106,6 +106,7 @@ class Status(msgspec.Struct, kw_only=True):
     kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
     pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
     config: str = ""  # the config file serve read; "": none, the built-in defaults
+    store: str = "ok"  # or why the store cannot write (a full disk), or is lost
 
 
 class KillResult(msgspec.Struct):

@@ -41,6 +41,7 @@ def lock_state_dir(state_dir: Path) -> int:
     open file: it dies with the process, so a SIGKILLed run leaves nothing stale.
     """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)  # every message is in it: private, even if it existed wider
     fd = os.open(state_dir / "corral.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -107,6 +107,12 @@ class MetricsConfig(_Section):
     listen: str = "127.0.0.1:9464"
 
 
+class RetentionConfig(_Section):
+    # finished messages and their settled replies (delivered, fetched, dead) are deleted
+    # this long after the turn ended
+    keep: Duration = Duration(7 * 86400)
+
+
 class StoreConfig(_Section):
     # empty: SQLite in state_dir; "postgresql://user@host:5432/db": PostgreSQL (a cluster).
     # The password comes from libpq (PGPASSWORD, ~/.pgpass), so the URL needs none.
@@ -121,6 +127,7 @@ class Config(_Section):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
 
     @property
     def state_path(self) -> Path:

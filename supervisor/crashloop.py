@@ -19,6 +19,7 @@ from corral.supervisor.config import LimitsConfig
 from corral.supervisor.services import window
 from corral.supervisor.store import SessionRecord
 from corral.supervisor.stores import AnyStore
+from corral.supervisor.storethread import StoreError
 
 log = logging.getLogger("corral.supervisor")
 
@@ -77,8 +78,12 @@ class CrashLoops:
         self.records[key] = SessionRecord(
             quarantined_until=old.quarantined_until, restarts=old.restarts + 1, last_exit=reason
         )
-        await self.store.record_abnormal_exit(key, reason)
-        return await self.count_failure(key)
+        try:
+            await self.store.record_abnormal_exit(key, reason)
+            return await self.count_failure(key)
+        except StoreError as e:  # counted in memory; the turn must still be answered
+            log.error("session %s: its worker's exit could not be stored: %s", key, e)
+            return None
 
     async def count_failure(self, key: str) -> float | None:
         """One more failure in the session's window (an abnormal exit, or a worker that

@@ -29,11 +29,13 @@ from corral.supervisor.config import DeliveryConfig, WebhookConfig
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.store import DEAD, DELIVERED, PENDING, StoredReply
 from corral.supervisor.stores import AnyStore
+from corral.supervisor.storethread import StoreUnavailable
 
 log = logging.getLogger("corral.delivery")
 
 REQUEST_TIMEOUT = 10.0  # one POST; the receiver's slowness costs only its own channel
 BATCH = 32  # deliveries in flight per channel (distinct sessions)
+STORE_RETRY = 2.0  # seconds before a delivery the store could not record is tried again
 SIGNATURE_HEADER = "X-Corral-Signature"
 TIMESTAMP_HEADER = "X-Corral-Timestamp"  # unix seconds of this attempt, in the signature
 
@@ -111,7 +113,15 @@ class WebhookDelivery:
                 self.wake.clear()
                 due = await self.store.due_deliveries(self.name, time.time(), BATCH)
                 if due:
-                    await asyncio.gather(*(self.deliver(http, r) for r in due))
+                    done = await asyncio.gather(
+                        *(self.deliver(http, r) for r in due), return_exceptions=True
+                    )
+                    errors = [e for e in done if isinstance(e, BaseException)]
+                    for e in errors:
+                        if not isinstance(e, StoreUnavailable):
+                            raise e
+                    if errors:  # a full disk: the replies stay due (a receiver dedups by id)
+                        await asyncio.sleep(STORE_RETRY)
                     continue
                 next_at = await self.store.next_due(self.name)
                 wait = None if next_at is None else max(0.0, next_at - time.time())

@@ -5,14 +5,20 @@ The store holds the truth. In memory there is only what a waiter needs: a future
 unfinished message, the replies of turns whose every reply passed through here, and
 wake-ups for long-polls. Replies are submitted to the store in the order the worker
 sent them and before the turn's finish, so a finished turn's replies are committed.
+
+When the store cannot write (a full disk), a reply or finish it refused is kept here and
+replayed in order by `run` until it is taken, so every accepted message is answered once
+space returns, without a restart; a turn's start waits for the store the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,8 +26,23 @@ from corral.protocol.types import ERROR, Origin, Reply
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.store import FAILED, PENDING, Accepted, Inbound, Message, StoredReply
 from corral.supervisor.stores import AnyStore
+from corral.supervisor.storethread import StoreBroken, StoreUnavailable
 
 log = logging.getLogger("corral.supervisor")
+
+RETRY_FIRST = 0.5  # seconds before a write the store refused is tried again; doubles
+RETRY_MAX = 5.0
+
+
+@dataclass
+class Unsaved:
+    """A write the store refused (disk full), to replay: a reply, or (index None) a finish."""
+
+    message: Message
+    index: int | None = None
+    text: str = ""
+    kind: str = ""
+    state: str = ""
 
 
 class ReplyWakeups:
@@ -71,6 +92,10 @@ class Inbox:
         # through here (a re-run's earlier replies are only in the store)
         self._replies: dict[str, list[Reply]] = {}
         self._closing: asyncio.Future[None] | None = None
+        self._inflight: dict[str, list[asyncio.Future[Reply | None]]] = {}  # replies submitted
+        self._unsaved: deque[Unsaved] = deque()  # refused writes, in the order made
+        self._unsaved_by: Counter[str] = Counter()  # message id -> refused writes of it
+        self._retry = asyncio.Event()  # something to replay
 
     @property
     def pending(self) -> int:
@@ -120,7 +145,22 @@ class Inbox:
         return out
 
     async def start_attempt(self, message: Message) -> int:
-        attempt = await self.store.start_attempt(message.id)
+        """Count a start of the message's turn. While the store cannot write this waits for
+        it (the message must not run uncounted); at drain it raises StoreUnavailable."""
+        delay = RETRY_FIRST
+        while True:  # ends when the store takes the write, or when the supervisor stops
+            try:
+                attempt = await self.store.start_attempt(message.id)
+                break
+            except StoreUnavailable:
+                if self._closing is None or self._closing.done():
+                    raise
+                closing = asyncio.ensure_future(asyncio.shield(self._closing))
+                try:
+                    await asyncio.wait([closing], timeout=delay)
+                finally:
+                    closing.cancel()
+                delay = min(delay * 2, RETRY_MAX)
         for listener in self.on_start:
             listener(message)
         return attempt
@@ -128,7 +168,10 @@ class Inbox:
     async def undo_start(self, message: Message) -> None:
         """The attempt did not run (stopped before it began, or a drain): not counted."""
         self._stopped(message)
-        await self.store.start_attempt_undone(message.id)
+        try:
+            await self.store.start_attempt_undone(message.id)
+        except (StoreUnavailable, StoreBroken) as e:  # one start too many counted: harmless
+            log.warning("session %s: a start not run stays counted: %s", message.session, e)
 
     def _stopped(self, message: Message) -> None:
         for listener in self.on_stop:
@@ -138,9 +181,13 @@ class Inbox:
         """Submit a reply to the origin of `message`, and nowhere else. Not awaited: it is
         announced once committed, and the turn's finish, submitted later, commits no
         earlier."""
+        if self._unsaved_by[message.id]:  # after its earlier refused writes, in order
+            self._keep(Unsaved(message, index, text, kind))
+            return
         push = message.origin.channel in self.push_channels
         fut = self.store.add_reply(message, index, text, kind, push=push)
-        fut.add_done_callback(partial(self._stored, message, kind))
+        self._inflight.setdefault(message.id, []).append(fut)
+        fut.add_done_callback(partial(self._stored, Unsaved(message, index, text, kind)))
 
     async def fail(self, message: Message, index: int, text: str) -> None:
         """Answer `message` with an error reply and close it."""
@@ -148,22 +195,53 @@ class Inbox:
         await self.finish(message, FAILED)
 
     async def finish(self, message: Message, state: str) -> None:
-        """The message leaves the inbox: its turn has ended with `state`."""
+        """The message leaves the inbox: its turn has ended with `state`. If the store
+        refuses (disk full), the finish is kept and replayed by `run`; this never raises
+        for that, so the session moves on."""
         self._stopped(message)
-        await self.store.finish(message.id, state)
+        if inflight := self._inflight.pop(message.id, None):
+            await asyncio.wait(inflight)  # their outcome is known (and handled) after this
+        if not self._unsaved_by[message.id]:
+            try:
+                await self.store.finish(message.id, state)
+            except StoreUnavailable:
+                pass
+            except StoreBroken as e:  # the supervisor is stopping; nothing survives now
+                log.error("session %s: message %s not finished: %s", message.session, message.id, e)
+                return
+            else:
+                return self._finished(message)
+        self._keep(Unsaved(message, state=state))
+
+    def _finished(self, message: Message) -> None:
         self.metrics.inbox_depth.dec()
         fut = self._ended.pop(message.id, None)
         replies = self._replies.pop(message.id, None)
         if fut is not None and not fut.done():
             fut.set_result(replies)
 
-    def _stored(self, message: Message, kind: str, fut: asyncio.Future[Reply | None]) -> None:
+    def _keep(self, write: Unsaved) -> None:
+        self._unsaved.append(write)
+        self._unsaved_by[write.message.id] += 1
+        self._retry.set()
+
+    def _stored(self, write: Unsaved, fut: asyncio.Future[Reply | None]) -> None:
+        message = write.message
+        if (inflight := self._inflight.get(message.id)) is not None:
+            inflight.remove(fut)
+            if not inflight:
+                del self._inflight[message.id]
         if fut.cancelled():
             return
         if (error := fut.exception()) is not None:
+            if isinstance(error, StoreUnavailable):
+                self._keep(write)
+                return
             log.error("session %s: a reply could not be stored: %s", message.session, error)
             return
-        reply = fut.result()
+        self._announce(message, write.kind, fut.result())
+
+    def _announce(self, message: Message, kind: str, reply: Reply | None) -> None:
         if reply is None:
             return  # shown already, by an earlier run of the same turn
         if kind == ERROR:
@@ -176,6 +254,42 @@ class Inbox:
             replies.append(reply)
         for listener in self.listeners:
             listener(reply)
+
+    @property
+    def unsaved(self) -> int:
+        """Replies and finishes the store refused, waiting to be written."""
+        return len(self._unsaved)
+
+    async def run(self) -> None:
+        """A service: write what the store refused, in order, once it takes writes again."""
+        delay = RETRY_FIRST
+        while True:  # ends when cancelled at close
+            await self._retry.wait()
+            while self._unsaved:  # ends when every refused write is written
+                write = self._unsaved[0]
+                try:
+                    await self._replay(write)
+                except (StoreUnavailable, StoreBroken):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                delay = RETRY_FIRST
+                self._unsaved.popleft()
+                self._unsaved_by[write.message.id] -= 1
+                if not self._unsaved_by[write.message.id]:
+                    del self._unsaved_by[write.message.id]
+            self._retry.clear()
+            log.info("store: every reply and finish it refused is written now")
+
+    async def _replay(self, write: Unsaved) -> None:
+        message = write.message
+        if write.index is None:
+            await self.store.finish(message.id, write.state)
+            self._finished(message)
+            return
+        push = message.origin.channel in self.push_channels
+        reply = await self.store.add_reply(message, write.index, write.text, write.kind, push)
+        self._announce(message, write.kind, reply)
 
     # ---- for channels: waiting on turns and replies
 

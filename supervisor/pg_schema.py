@@ -10,8 +10,10 @@ from typing import Any, Final
 import psycopg
 
 from corral.supervisor.config import redact_url
+from corral.supervisor.storethread import StoreError, StoreUnavailable
 
 log = logging.getLogger("corral.store")
+__all__ = ["SchemaMismatch", "StoreError", "StoreUnavailable", "migrate", "redact"]
 
 SCHEMA: Final = "corral"
 # pg_advisory_xact_lock key that serialises migrations of every corral on one database
@@ -79,16 +81,10 @@ CREATE TABLE corral.reply_parts (
 );
 """,
     ),
+    # retention prunes finished messages oldest first
+    (4, "CREATE INDEX IF NOT EXISTS messages_finished ON corral.messages (finished_at);"),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
-
-
-class StoreError(Exception):
-    """The database cannot be used: the message names `store.url`, without a password."""
-
-
-class StoreUnavailable(StoreError):
-    """The database cannot be reached (at start, or lost while serving)."""
 
 
 class SchemaMismatch(StoreError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -39,7 +40,14 @@ from corral.supervisor.store_rows import (
     _message,
     _origin_encode,
 )
-from corral.supervisor.storethread import Result, StoreClosed, StoreThread
+from corral.supervisor.storethread import (
+    Result,
+    StoreBroken,
+    StoreClosed,
+    StoreError,
+    StoreThread,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("corral.store")
 T = TypeVar("T")
@@ -57,6 +65,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, seq);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, seq);
+CREATE INDEX IF NOT EXISTS messages_finished ON messages (finished_at);
 CREATE TABLE IF NOT EXISTS replies (
     cursor INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -93,6 +102,11 @@ CREATE TABLE IF NOT EXISTS reply_parts (
     sent INTEGER NOT NULL
 );
 """
+# SQLite's primary result codes (the low byte of an extended code)
+_IOERR, _CORRUPT, _FULL, _NOTADB = 10, 11, 13, 26
+_READONLY_DBMOVED = 8 | (4 << 8)  # the database file was renamed or deleted since opened
+WAL_LIMIT = 4 * 1024 * 1024  # bytes
+PRIVATE = 0o600  # the database and its -wal and -shm: every message ever accepted
 
 
 class Store(StoreThread[sqlite3.Connection], DeliveryOps):
@@ -100,21 +114,80 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
         super().__init__()
         self.path = path
         self.durable = durable
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._changes = 0  # the connection's total_changes when the last group began
 
     # ---- the engine's connection
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # created private, and made private if an older corral left it wider; SQLite
+        # gives the -wal and -shm files the database file's mode
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE))
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the database {self.path}: {e}") from None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'OFF'}")
             conn.execute("PRAGMA busy_timeout=5000")
+            # a large group (a burst, a retention batch) grows the WAL; after the next
+            # checkpoint it is cut back to this, so the files level off under steady load
+            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
             conn.executescript(_SCHEMA)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self.path}{suffix}", PRIVATE)
+            st = os.stat(self.path)
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(self._unusable(e)) from None
         except BaseException:
             conn.close()
             raise
+        self._identity = (st.st_dev, st.st_ino)
         return conn
+
+    def _unusable(self, e: sqlite3.Error) -> str:
+        code = getattr(e, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF not in (_CORRUPT, _NOTADB):
+            return f"cannot open the database {self.path}: {e}"
+        return (
+            f"the database {self.path} is corrupted ({e}): with corral stopped, move it and "
+            f"its -wal and -shm files aside (mv {self.path} {self.path}.broken) to start with "
+            "an empty inbox, or restore it from a backup; `sqlite3 FILE .recover` may save "
+            "the messages in it"
+        )
+
+    def _lost(self) -> str | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the database {self.path} was deleted while serving"
+        except OSError as e:
+            return f"the database {self.path} cannot be checked: {e}"
+        if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
+            return f"the database {self.path} was replaced by another file while serving"
+        return None
+
+    def _classify(self, error: BaseException) -> BaseException:
+        if not isinstance(error, sqlite3.Error):
+            return error
+        code = getattr(error, "sqlite_errorcode", None) or 0
+        if code == _READONLY_DBMOVED:
+            return StoreBroken(f"the database {self.path} was moved or deleted while serving")
+        if code & 0xFF in (_CORRUPT, _NOTADB):
+            return StoreBroken(f"the database {self.path} is corrupted: {error}")
+        if code & 0xFF in (_FULL, _IOERR):
+            return StoreUnavailable(f"the database {self.path} cannot be written: {error}")
+        return error
+
+    def _wrote(self, conn: sqlite3.Connection) -> bool:
+        return conn.total_changes > self._changes
 
     def _failed(self, conn: sqlite3.Connection, error: Exception) -> BaseException:
         if conn.in_transaction:
@@ -127,6 +200,7 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
     ) -> list[Result]:
         """Run `ops` in one transaction, each in a savepoint of its own; one commit."""
         results: list[Result] = []
+        self._changes = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         for fn, fut in ops:
             conn.execute("SAVEPOINT op")
@@ -222,6 +296,33 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
             )
 
         await self._submit(op)
+
+    async def prune(self, before: float, limit: int) -> int:
+        """Delete up to `limit` finished messages that finished before `before` and whose
+        replies are all settled (delivered, fetched or dead), with those replies; how many."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM messages m WHERE finished_at < ? AND state <> 'pending' "
+                    "AND NOT EXISTS (SELECT 1 FROM replies r WHERE r.message_id = m.id "
+                    "AND r.delivery = 'pending') ORDER BY finished_at LIMIT ?",
+                    (before, limit),
+                )
+            ]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                conn.execute(
+                    "DELETE FROM reply_parts WHERE reply_id IN "
+                    f"(SELECT id FROM replies WHERE message_id IN ({marks}))",
+                    ids,
+                )
+                conn.execute(f"DELETE FROM replies WHERE message_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
+            return len(ids)
+
+        return await self._submit(op)
 
     # ---- polling channels
 
@@ -364,6 +465,9 @@ __all__ = [
     "SessionRecord",
     "SessionSummary",
     "Store",
+    "StoreBroken",
     "StoreClosed",
+    "StoreError",
+    "StoreUnavailable",
     "StoredReply",
 ]

@@ -123,6 +123,15 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
             )
         return error
 
+    def _classify(self, error: BaseException) -> BaseException:
+        # class 53: insufficient resources (disk full, out of memory); 58030: I/O error
+        sqlstate = getattr(error, "sqlstate", None) or ""
+        if sqlstate.startswith("53") or sqlstate == "58030":
+            return StoreUnavailable(
+                f"store.url: {self.display_url} cannot write now: {_first_line(error)}"
+            )
+        return error
+
     def _open_connection(self) -> psycopg.Connection[Any]:
         try:
             params = conninfo_to_dict(self.url)
@@ -268,6 +277,33 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
             )
 
         await self._submit(op)
+
+    async def prune(self, before: float, limit: int) -> int:
+        """Delete up to `limit` finished messages that finished before `before` and whose
+        replies are all settled (delivered, fetched or dead), with those replies; how many."""
+
+        def op(conn: psycopg.Connection[Any]) -> int:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM corral.messages m WHERE finished_at < %s "
+                    "AND state <> 'pending' AND NOT EXISTS (SELECT 1 FROM corral.replies r "
+                    "WHERE r.message_id = m.id AND r.delivery = 'pending') "
+                    "ORDER BY finished_at LIMIT %s",
+                    (before, limit),
+                )
+            ]
+            if ids:
+                conn.execute(
+                    "DELETE FROM corral.reply_parts WHERE reply_id IN "
+                    "(SELECT id FROM corral.replies WHERE message_id = ANY(%s))",
+                    (ids,),
+                )
+                conn.execute("DELETE FROM corral.replies WHERE message_id = ANY(%s)", (ids,))
+                conn.execute("DELETE FROM corral.messages WHERE id = ANY(%s)", (ids,))
+            return len(ids)
+
+        return await self._submit(op)
 
     # ---- polling channels
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -20,8 +21,26 @@ GROUP_MAX = 512  # operations per transaction
 Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
+IDLE_CHECK = 1.0  # seconds: how often an idle store thread checks its database is still there
+
+
 class StoreClosed(Exception):
     pass
+
+
+class StoreError(Exception):
+    """The database cannot be used: the message names it (and `store.url`, without a
+    password, for PostgreSQL)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot take writes now (disk full, I/O error, connection lost); it may
+    come back by itself: retry later."""
+
+
+class StoreBroken(StoreError):
+    """The database file was deleted, replaced or corrupted while serving: nothing written
+    from now on would survive, so the supervisor stops (and systemd restarts it)."""
 
 
 _STOP = object()
@@ -36,6 +55,21 @@ class StoreThread(Generic[C]):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed: asyncio.Future[None] | None = None
+        # why writes fail now (None: they do not), and since when (wall clock); set by
+        # the store thread, read by the loop (a str swap is atomic under the GIL)
+        self.unwritable: str | None = None
+        self.unwritable_since: float | None = None
+        self.broken: str | None = None  # why the database is lost for good
+        self.on_broken: list[Callable[[str], None]] = []  # called on the loop, once
+
+    def health(self) -> str:
+        """One line for `corral status`: "ok", or why the store cannot write."""
+        if self.broken is not None:
+            return f"broken: {self.broken}"
+        if self.unwritable is not None:
+            since = time.strftime("%H:%M:%S UTC", time.gmtime(self.unwritable_since or 0))
+            return f"cannot write since {since}: {self.unwritable}"
+        return "ok"
 
     def _connect(self) -> C:
         raise NotImplementedError
@@ -53,6 +87,21 @@ class StoreThread(Generic[C]):
 
     def _disconnect(self, conn: C) -> None:
         conn.close()  # type: ignore[attr-defined]
+
+    def _lost(self) -> str | None:
+        """Why the database is gone (its file deleted or replaced), checked off the loop
+        about once a second; None while it is there."""
+        return None
+
+    def _wrote(self, conn: C) -> bool:
+        """Whether the group just committed wrote anything (a read-only group commits even
+        on a full disk, so only a write says the store can write again)."""
+        return True
+
+    def _classify(self, error: BaseException) -> BaseException:
+        """The error an operation fails with: StoreUnavailable for a write the disk refused,
+        StoreBroken for a corrupted database, else `error` itself."""
+        return error
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -83,6 +132,9 @@ class StoreThread(Generic[C]):
         if self._thread is None or self._loop is None or not self._thread.is_alive():
             raise StoreClosed("the store is closed")
         fut: asyncio.Future[T] = self._loop.create_future()
+        if self.broken is not None:
+            fut.set_exception(StoreBroken(self.broken))
+            return fut
         self._queue.put((fn, fut))
         return fut
 
@@ -95,8 +147,14 @@ class StoreThread(Generic[C]):
             return
         self._loop.call_soon_threadsafe(_settle, ready, None, None)
         stopping = False
+        checked = time.monotonic()
         while not stopping:  # ends at the _STOP sentinel from close()
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=IDLE_CHECK)]
+            except queue.Empty:
+                checked = time.monotonic()
+                self._check_lost()
+                continue
             while len(batch) < GROUP_MAX:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -106,19 +164,58 @@ class StoreThread(Generic[C]):
             ops = [item for item in batch if item is not _STOP]
             if not ops:
                 continue
+            if time.monotonic() - checked >= IDLE_CHECK:
+                checked = time.monotonic()
+                self._check_lost()
+            if self.broken is not None:
+                refused: list[Result] = [(f, None, StoreBroken(self.broken)) for _, f in ops]
+                self._loop.call_soon_threadsafe(_settle_all, refused)
+                continue
             try:
                 conn = self._usable(conn)
                 results = self._commit_group(conn, ops)
             except Exception as e:
                 # A failed group (disk full, database gone) fails its operations, not
                 # the store: the thread goes on, and callers see the error.
-                log.error("store: a group of %d operations failed: %s", len(ops), e)
-                error = self._failed(conn, e)
+                error: BaseException = self._classify(self._failed(conn, e))
+                if not isinstance(error, StoreUnavailable | StoreBroken):  # those: logged once
+                    log.error("store: a group of %d operations failed: %s", len(ops), e)
+                self._note(error)
                 results = [(fut, None, error) for _, fut in ops]
+            else:
+                results = [(f, v, e and self._note(self._classify(e))) for f, v, e in results]
+                full = any(isinstance(e, StoreUnavailable) for _, _, e in results)
+                if self.unwritable is not None and not full and self._wrote(conn):
+                    log.warning("store: writes succeed again (after: %s)", self.unwritable)
+                    self.unwritable = self.unwritable_since = None
             self._loop.call_soon_threadsafe(_settle_all, results)
         self._disconnect(conn)
         if self._closed is not None:
             self._loop.call_soon_threadsafe(_settle, self._closed, None, None)
+
+    def _note(self, error: BaseException) -> BaseException:
+        """Remember what a failed operation says about the store (on its thread)."""
+        if isinstance(error, StoreBroken):
+            self._break(str(error))
+        elif isinstance(error, StoreUnavailable):
+            if self.unwritable is None:
+                self.unwritable_since = time.time()
+                log.error("store: cannot write: %s", error)
+            self.unwritable = str(error)
+        return error
+
+    def _check_lost(self) -> None:
+        if self.broken is None and (why := self._lost()) is not None:
+            self._break(why)
+
+    def _break(self, why: str) -> None:
+        if self.broken is not None:
+            return
+        self.broken = why
+        log.critical("store: %s: accepting nothing more; corral exits to be restarted", why)
+        assert self._loop is not None
+        for callback in self.on_broken:
+            self._loop.call_soon_threadsafe(callback, why)
 
 
 def _settle_all(results: list[Result]) -> None:

@@ -33,6 +33,7 @@ from corral.supervisor.delivery import Outbox
 from corral.supervisor.inbox import Inbox
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.procthread import ProcThread
+from corral.supervisor.retention import Retention
 from corral.supervisor.services import Changes, Services, Tasks, within
 from corral.supervisor.sessions import Session, SessionTable
 from corral.supervisor.spawner import Spawner
@@ -130,6 +131,9 @@ class Supervisor:
         if pending:
             log.info("re-queued %d unfinished messages from the last run", len(pending))
         await self.outbox.prepare()
+        self.store.on_broken.append(self.give_up)  # the database is gone: exit non-zero
+        self.services.start("inbox writes", self.inbox.run)  # what a full disk refused
+        self.services.start("retention", Retention(self.store, self.config.retention.keep).run)
         for name, channel in self.outbox.channels.items():
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)

@@ -75,8 +75,8 @@ class Turns:
             attempt = await self.inbox.start_attempt(message)
         except Exception:
             log.exception("session %s: cannot record the start of %s", s.key, message.id)
-            s.queue.appendleft(message)
             self._idle(w)
+            self.requeue(message)  # dispatched again (the inbox waited out a full disk)
             return
         if w.exit is not None or w.dead.is_set():
             # stopped, or dead, while we waited for the store: the message goes back

@@ -176,7 +176,15 @@ def status(sup: Supervisor) -> Status:
         kill_grace=float(sup.config.supervisor.kill_grace),
         pollers=sup.telegram.status() if sup.telegram is not None else [],
         config=sup.config_path,
+        store=store_health(sup),
     )
+
+
+def store_health(sup: Supervisor) -> str:
+    health = sup.store.health()
+    if n := sup.inbox.unsaved:
+        health += f"; {n} replies and finishes waiting to be written"
+    return health
 
 
 def session_rows(sup: Supervisor) -> list[SessionRow]:

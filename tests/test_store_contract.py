@@ -651,3 +651,47 @@ def test_parts_of_a_reply_sent_are_remembered_until_forgotten(backend: Backend) 
         await reopened.close()
 
     backend.run(body)
+
+
+# ---- retention
+
+
+def test_prune_deletes_finished_settled_messages_with_their_replies_only(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        done = (await store.accept("a", "q", HTTP, "old-done")).message
+        failed = (await store.accept("a", "q", HTTP, "old-failed")).message
+        waiting = (await store.accept("b", "q", HOOK, "old-undelivered")).message
+        dead = (await store.accept("b", "q", HOOK, "old-dead")).message
+        await store.accept("a", "q", HTTP, "still-pending")
+        await store.add_reply(done, 0, "r", "reply")
+        await store.add_reply(failed, 0, "e", ERROR)
+        await store.add_reply(waiting, 0, "w", "reply", push=True)
+        await store.add_reply(dead, 0, "d", "reply", push=True)
+        await store.set_reply_parts_sent("old-dead:0", 1)
+        await store.mark_delivery("old-dead:0", DEAD, 3, error="HTTP 400")
+        for m, state in ((done, DONE), (failed, FAILED), (waiting, DONE), (dead, DONE)):
+            await store.finish(m.id, state)
+        recent = (await store.accept("a", "q", HTTP, "recent")).message
+        await store.add_reply(recent, 0, "new", "reply")
+        cutoff = time.time()
+        await asyncio.sleep(0.05)
+        await store.finish(recent.id, DONE)
+
+        assert await store.prune(cutoff, 1) == 1  # in batches of the size asked for
+        assert await store.prune(cutoff, 100) == 2
+        assert await store.prune(cutoff, 100) == 0
+        assert await store.replies_for_message("old-done") == []
+        assert await store.replies_for_message("old-dead") == []
+        assert await store.reply_parts_sent("old-dead:0") == 0
+        assert [r.reply.text for r in await store.replies_for_message("old-undelivered")] == ["w"]
+        assert [m.id for m in await store.pending()] == ["still-pending"]
+        assert [r.reply.id for r in await store.replies_after("a", "http", 0, 100)] == ["recent:0"]
+        # delivered at last: pruned on the next pass; a pruned id is free again
+        await store.mark_delivery("old-undelivered:0", DELIVERED, 1)
+        assert await store.prune(cutoff, 100) == 1
+        again = await store.accept("a", "q", HTTP, "old-done")
+        assert not again.duplicate
+        await store.close()
+
+    backend.run(body)

@@ -33,6 +33,7 @@ from corral.supervisor.channels.http_server import AcceptErrors, Burst, GuardedR
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.inbox import Inbox
 from corral.supervisor.logs import clean
+from corral.supervisor.storethread import StoreError
 from corral.supervisor.supervisor import Draining, IdConflict, QueueFull, Supervisor
 
 log = logging.getLogger("corral.http")
@@ -252,6 +253,8 @@ class HttpChannel:
                 405: f"method {request.method} is not allowed on {request.path}",
             }.get(e.status, e.reason)
             return error(e.status, what, headers)
+        except StoreError as e:  # a full disk, a lost database: nothing was accepted
+            return error(503, f"cannot store messages now: {e}; retry later", {"Retry-After": "5"})
 
     async def _read(self, request: web.Request) -> bytes:
         """The body, within body_timeout; a client gone mid-body is one log line."""
