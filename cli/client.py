@@ -27,6 +27,7 @@ from corral.protocol.control import (
     History,
     KillResult,
     MessageResult,
+    ReloadResult,
     RetryResult,
     SessionInfo,
     SessionList,
@@ -35,6 +36,7 @@ from corral.protocol.control import (
 from corral.supervisor.config import Config, split_listen
 
 DEFAULT_TIMEOUT = 5.0
+RELOAD_TIME = 60.0  # on top of --timeout: a new agent's zygote may take this long to start
 # exit codes of every client command (documented in `corral --help` and the README)
 EXIT_OK = 0
 EXIT_FAILED = 1  # corral refused, could not be reached, or the turn ended with an error
@@ -133,7 +135,7 @@ class ControlClient:
 
     def __init__(self, config: Config, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.config = config
-        self.path = config.control_socket_path
+        self.path = config.find_control_socket()
         self.timeout = timeout
 
     def status(self) -> Answer[Status]:
@@ -186,6 +188,11 @@ class ControlClient:
         params = {"timeout": str(drain_timeout)} if drain_timeout is not None else None
         return self._call(DrainResult, "POST", "/v1/drain", params)
 
+    def reload(self) -> Answer[ReloadResult]:
+        """Ask corral to re-read its config; a refusal (409) names the key."""
+        # loading a new agent can take as long as a zygote start
+        return self._call(ReloadResult, "POST", "/v1/reload", extra_time=RELOAD_TIME, refused=True)
+
     def wait_stopped(self, bound: float) -> bool:
         """Whether the supervisor exited (its socket is gone) within `bound` seconds."""
         deadline = time.monotonic() + bound
@@ -202,6 +209,7 @@ class ControlClient:
         extra_time: float = 0.0,
         notice: tuple[float, Callable[[], None]] | None = None,
         json: Any = None,
+        refused: bool = False,
     ) -> Answer[T]:
         if not self.path.exists():
             raise click.ClickException(
@@ -220,6 +228,8 @@ class ControlClient:
         )
         answer = _decode(kind, status, raw, where)
         if isinstance(answer, Refused):
+            if refused and status == 409:  # a refusal with a body of `kind` (reload)
+                return Answer(msgspec.convert(answer.plain, kind), answer.plain)
             raise click.ClickException(answer.error)
         return answer
 

@@ -19,7 +19,7 @@ from corral.cli.client import (
     Refused,
     post_message,
 )
-from corral.supervisor.config import Config, ConfigError, load_config
+from corral.supervisor.config import Config, ConfigError, find_config_path, load_config
 from corral.supervisor.logs import logging_to_stderr
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -111,20 +111,32 @@ def main() -> None:
 
 
 @main.command()
-@config_option
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="corral.toml (default: $CORRAL_CONFIG, then ./corral.toml, then built-in defaults); "
+    "re-read on SIGHUP and `corral reload`",
+)
 @click.option(
     "--log-level",
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
-def serve(config: Config, log_level: str) -> None:
+def serve(config_path: str | None, log_level: str) -> None:
     """Run the supervisor."""
     # imported here: the client commands need none of the supervisor
     from corral.supervisor.app import serve as run
 
-    with logging_to_stderr(log_level):
-        code = asyncio.run(run(config))
+    found = find_config_path(config_path)
+    config = _load(str(found) if found else None)
+    try:
+        with logging_to_stderr(log_level):
+            code = asyncio.run(run(config, found.resolve() if found else None))
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor's own handlers are in place
+        click.echo("corral serve: interrupted before it started", err=True)
+        code = 130
     sys.exit(code)
 
 
@@ -372,6 +384,27 @@ def drain(drain_timeout: float | None, no_wait: bool, config: Config, as_json: b
         raise click.ClickException(f"corral has not stopped within {bound:g}s")
     if not as_json:
         click.echo("drained")
+
+
+@main.command()
+@config_option
+@timeout_option
+@json_option
+def reload(config: Config, timeout: float, as_json: bool) -> None:
+    """Re-read the config (as SIGHUP does): limits, agent, delivery and webhook url/secret
+    apply from the next turn; anything else needs a restart and is refused."""
+    answer = ControlClient(config, timeout).reload()
+    result = answer.body
+    if as_json:
+        click.echo(render.as_json(answer.plain))
+    elif result.error:
+        click.echo(f"reload refused, the old config stays: {result.error}", err=True)
+    elif result.changed:
+        click.echo(f"reloaded {result.path}: {', '.join(result.changed)}")
+    else:
+        click.echo(f"reloaded {result.path}: nothing changed")
+    if result.error:
+        sys.exit(EXIT_FAILED)
 
 
 @main.group()

@@ -143,3 +143,11 @@ class MessageResult(msgspec.Struct):
     session: str
     status: str  # accepted (no ?wait) | pending | done | error
     replies: list[ReplyOut] | msgspec.UnsetType = msgspec.UNSET  # only with ?wait
+
+
+class ReloadResult(msgspec.Struct, kw_only=True):
+    """`corral reload` (and SIGHUP): what changed, or why nothing did."""
+
+    path: str  # the config file re-read
+    changed: list[str] = msgspec.field(default_factory=list)  # dotted keys now in effect
+    error: str | None = None  # the reload was refused: the old config stays
