@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,12 @@ def _request(
     where: str,
     unix_socket: Path | None = None,
     notice: tuple[float, Callable[[], None]] | None = None,
+    late: str = "",
     **kwargs: Any,
 ) -> tuple[int, bytes]:
     """The status and body of one request; `where` names the server in messages.
-    With `notice` (seconds, callback), the callback runs if no answer came by then."""
+    With `notice` (seconds, callback), the callback runs if no answer came by then;
+    `late` is added to the message when no answer came within the deadline."""
 
     async def go() -> tuple[int, bytes]:
         connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket else None
@@ -94,7 +97,9 @@ def _request(
     try:
         return asyncio.run(noticed())
     except TimeoutError:  # first: a TimeoutError is an OSError, but corral is there
-        raise click.ClickException(f"corral did not answer within {deadline:g}s {where}") from None
+        raise click.ClickException(
+            f"corral did not answer within {deadline:g}s {where}{late}"
+        ) from None
     except (aiohttp.ClientError, OSError) as e:
         raise click.ClickException(
             f"cannot reach corral {where}: {e}. Is 'corral serve' running?"
@@ -255,9 +260,9 @@ def post_message(
     """POST a message to the HTTP channel; with `wait`, corral holds the answer up to
     `wait` seconds for the replies, so the deadline is `timeout` on top of it."""
     base = http_base(config)
-    body = {"session": session, "text": text}
-    if message_id:
-        body["id"] = message_id
+    # always an id: a send that timed out can be retried as the same message
+    message_id = message_id or uuid.uuid4().hex
+    body = {"session": session, "text": text, "id": message_id}
     headers = {}
     if token := os.environ.get("CORRAL_TOKEN") or config.channels.http.token:
         headers["Authorization"] = f"Bearer {token}"
@@ -270,5 +275,9 @@ def post_message(
         json=body,
         params={"wait": str(wait)} if wait is not None else {},
         headers=headers,
+        late=(
+            f". The message may have been accepted: retry with --id {message_id} "
+            "so that the retry is the same message, not a second one"
+        ),
     )
     return _decode(MessageResult, status, raw, where)

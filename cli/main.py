@@ -170,7 +170,9 @@ def send(
     timeout: float,
     config: Config,
 ) -> None:
-    """Send TEXT to SESSION over the HTTP channel."""
+    """Send TEXT to SESSION over the HTTP channel ("-": read TEXT from stdin)."""
+    if text == "-":
+        text = sys.stdin.read().removesuffix("\n")  # what `echo` adds
     answer = post_message(config, session, text, message_id, wait, timeout)
     if isinstance(answer, Refused):
         if as_json:
