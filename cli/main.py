@@ -11,6 +11,7 @@ import click
 import msgspec
 
 from corral.cli import render
+from corral.cli import top as top_view
 from corral.cli.client import (
     DEFAULT_TIMEOUT,
     EXIT_FAILED,
@@ -386,6 +387,43 @@ def drain(drain_timeout: float | None, no_wait: bool, config: Config, as_json: b
         raise click.ClickException(f"corral has not stopped within {bound:g}s")
     if not as_json:
         click.echo("drained")
+
+
+@main.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--sort",
+    type=click.Choice(list(top_view.SORTS)),
+    default="session",
+    show_default=True,
+    help="The first sort key (`s` switches it, `r` reverses it).",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Not in a terminal: print N tables, then exit (default: until interrupted).",
+)
+@config_option
+@timeout_option
+def top(interval: float, sort: str, count: int | None, config: Config, timeout: float) -> None:
+    """A live table of sessions: q quits, s switches the sort key, k kills the selected one.
+
+    When stdout is not a terminal, the table is printed again every --interval."""
+    if sys.stdout.isatty() and sys.stdin.isatty() and count is None:
+        top_view.live(config, timeout, interval, sort)
+    else:
+        try:
+            top_view.plain(config, timeout, interval, count, sort)
+        except KeyboardInterrupt:
+            pass
 
 
 @main.command()
