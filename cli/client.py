@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -198,10 +199,17 @@ class ControlClient:
         # loading a new agent can take as long as a zygote start
         return self._call(ReloadResult, "POST", "/v1/reload", extra_time=RELOAD_TIME, refused=True)
 
-    def wait_stopped(self, bound: float) -> bool:
-        """Whether the supervisor exited (its socket is gone) within `bound` seconds."""
+    def wait_stopped(
+        self, bound: float, every: tuple[float, Callable[[], None]] | None = None
+    ) -> bool:
+        """Whether the supervisor exited (its socket is gone) within `bound` seconds;
+        with `every` (seconds, callback), the callback runs that often meanwhile."""
         deadline = time.monotonic() + bound
+        next_call = time.monotonic()
         while self.path.exists() and time.monotonic() < deadline:  # ends at the deadline
+            if every is not None and time.monotonic() >= next_call:
+                every[1]()
+                next_call = time.monotonic() + every[0]
             time.sleep(0.1)
         return not self.path.exists()
 
@@ -261,7 +269,7 @@ def post_message(
     `wait` seconds for the replies, so the deadline is `timeout` on top of it."""
     base = http_base(config)
     # always an id: a send that timed out can be retried as the same message
-    message_id = message_id or uuid.uuid4().hex
+    message_id = message_id or new_message_id()
     body = {"session": session, "text": text, "id": message_id}
     headers = {}
     if token := os.environ.get("CORRAL_TOKEN") or config.channels.http.token:
@@ -281,3 +289,44 @@ def post_message(
         ),
     )
     return _decode(MessageResult, status, raw, where)
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ProgressNotes:
+    """While `send --wait` waits, the agent's progress notes for that message, printed
+    as they come: read from the control socket twice a second (when this host has it)."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, config: Config, session: str, message_id: str, show: Callable[[str], None]):
+        self.client = ControlClient(config, timeout=1.0)
+        self.session = session
+        self.message_id = message_id
+        self.show = show
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> ProgressNotes:
+        if self.client.path.exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        last = None
+        while not self._done.wait(self.INTERVAL):  # ends when the send returns
+            try:
+                info = self.client.session(self.session).body
+            except click.ClickException:
+                continue  # not known yet, or corral is busy: the send itself reports
+            if info.turn == self.message_id and info.progress and info.progress != last:
+                last = info.progress
+                if not self._done.is_set():
+                    self.show(info.progress)

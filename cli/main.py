@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,7 +18,9 @@ from corral.cli.client import (
     EXIT_FAILED,
     EXIT_PENDING,
     ControlClient,
+    ProgressNotes,
     Refused,
+    new_message_id,
     post_message,
 )
 from corral.supervisor.config import Config, ConfigError, find_config_path, load_config
@@ -174,7 +177,14 @@ def send(
     """Send TEXT to SESSION over the HTTP channel ("-": read TEXT from stdin)."""
     if text == "-":
         text = sys.stdin.read().removesuffix("\n")  # what `echo` adds
-    answer = post_message(config, session, text, message_id, wait, timeout)
+    message_id = message_id or new_message_id()
+    if wait is not None and not as_json:
+        with ProgressNotes(
+            config, session, message_id, lambda note: click.echo(f"... {note}", err=True)
+        ):
+            answer = post_message(config, session, text, message_id, wait, timeout)
+    else:
+        answer = post_message(config, session, text, message_id, wait, timeout)
     if isinstance(answer, Refused):
         if as_json:
             click.echo(render.as_json(answer.plain))
@@ -377,13 +387,37 @@ def status(config: Config, timeout: float, as_json: bool) -> None:
 def drain(drain_timeout: float | None, no_wait: bool, config: Config, as_json: bool) -> None:
     """Stop intake, let running turns finish, stop every worker, and exit."""
     client = ControlClient(config)
+    grace = None if no_wait else client.status().body.kill_grace  # the server's, not ours
     answer = client.drain(drain_timeout)
     if as_json:
         click.echo(render.as_json(answer.plain))
     if no_wait:
         return
-    bound = answer.body.drain_timeout + float(config.supervisor.kill_grace) + 10
-    if not client.wait_stopped(bound):
+    drain_for = answer.body.drain_timeout
+    kill_grace = float(config.supervisor.kill_grace) if grace is None else grace
+    bound = drain_for + kill_grace + 10
+    began = time.monotonic()
+    shown: list[tuple[str, str]] = []
+
+    def progress() -> None:  # what the drain waits for, whenever that changes
+        try:
+            sessions = ControlClient(config, 1.0).sessions().body.sessions
+        except click.ClickException:
+            return  # stopping: the socket goes away at the end
+        waiting = sorted((s.session, s.state) for s in sessions if s.state in ("busy", "stopping"))
+        if waiting == shown or not waiting:
+            return
+        shown[:] = waiting
+        left = max(0.0, drain_for - (time.monotonic() - began))
+        names = ", ".join(f"{key} ({state})" for key, state in waiting[:10])
+        more = f" and {len(waiting) - 10} more" if len(waiting) > 10 else ""
+        click.echo(
+            f"waiting for {len(waiting)} sessions: {names}{more}; running turns get "
+            f"{left:.0f}s more (drain_timeout), then SIGTERM, SIGKILL {kill_grace:g}s later",
+            err=True,
+        )
+
+    if not client.wait_stopped(bound, None if as_json else (1.0, progress)):
         raise click.ClickException(f"corral has not stopped within {bound:g}s")
     if not as_json:
         click.echo("drained")

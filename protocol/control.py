@@ -26,6 +26,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     # from the store: with `ls --all` and `show` (None where not asked)
     messages: int | None = None  # messages accepted for the session, all time
     last_message_at: float | None = None  # unix time of the last one
+    progress: str | None = None  # the running turn's last progress note
 
 
 class SessionList(msgspec.Struct):

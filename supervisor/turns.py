@@ -44,6 +44,7 @@ class ActiveTurn:
     limits: LimitsConfig  # as the turn began: a reload applies from the next turn
     output: int = 0  # bytes of frames received during the turn
     next_index: int = 0  # index of the next reply
+    note: str | None = None  # the last progress note (`corral send --wait` shows it)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -129,6 +130,7 @@ class Turns:
             case frames.Progress(note=note):
                 if self.charge(w, FRAME_COST + len(note)):
                     t.last_progress = loop.time()
+                    t.note = note or t.note
             case frames.Done(error=error, peak_rss=peak_rss, turn_cpu=turn_cpu):
                 # A turn can cross the memory or CPU bound between two watchdog ticks and
                 # end before the next. When the worker's own figures come near a bound,

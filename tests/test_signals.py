@@ -112,3 +112,26 @@ def test_send_dash_reads_the_text_from_stdin(corral):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "from a pipe\n"
+
+
+def test_send_wait_shows_the_agents_progress_notes_on_stderr_as_they_come(corral):
+    c = corral(agent="tests.agents_progress:agent")
+    result = c.cli("send", "--wait", "30", "erin", "the job")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "done: the job\n"
+    notes = [line for line in result.stderr.splitlines() if line.startswith("... step")]
+    assert len(notes) >= 3, result.stderr  # polled twice a second; a step lasts a second
+    assert notes == sorted(notes) and len(set(notes)) == len(notes)
+    assert "step 4 of 4" in notes[-1]
+
+
+def test_drain_says_which_sessions_it_waits_for(corral):
+    c = corral({"supervisor": {"drain_timeout": "3s", "kill_grace": "1s"}}, agent=CHAOS)
+    c.request("POST", "/v1/messages", {"session": "bob", "text": "hang"})
+    wait_for(lambda: [r for r in c.ls() if r["state"] == "busy"])
+    result = c.cli("drain")
+    assert result.returncode == 0, result.stderr
+    assert "waiting for 1 sessions: bob (busy); running turns get" in result.stderr
+    assert "drain_timeout" in result.stderr
+    assert result.stdout.strip() == "drained"
+    assert c.proc is not None and c.proc.wait(30) == 0
