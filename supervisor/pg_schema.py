@@ -79,6 +79,8 @@ CREATE TABLE corral.reply_parts (
 );
 """,
     ),
+    # the last `corral dead-letters retry` of a reply: delivery's max_age counts from it
+    (4, "ALTER TABLE corral.replies ADD COLUMN retried_at double precision;"),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
 

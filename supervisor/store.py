@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS replies (
     delivery TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    retried_at REAL  -- the last `corral dead-letters retry`: max_age counts from it
 );
 CREATE INDEX IF NOT EXISTS replies_by_session ON replies (session, channel, cursor);
 CREATE INDEX IF NOT EXISTS replies_by_message ON replies (message_id, idx);
@@ -95,6 +96,17 @@ CREATE TABLE IF NOT EXISTS reply_parts (
 """
 
 
+# columns added since the first schema: (table, column, declaration), for older files
+_ADDED_COLUMNS = [("replies", "retried_at", "REAL")]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 class Store(StoreThread[sqlite3.Connection], DeliveryOps):
     def __init__(self, path: Path, durable: bool = True) -> None:
         super().__init__()
@@ -111,6 +123,7 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
             conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'OFF'}")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
         except BaseException:
             conn.close()
             raise
