@@ -150,7 +150,7 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
         # bodies stay capped by the size the channel started with
         http.max_text = int(new.limits.max_text)
 
-    reloader = Reloader(sup, config_path, on_applied=http_applied)
+    reloader = Reloader(sup, config_path, on_applied=http_applied, notify=notifier.notify)
     control.reloader = reloader
     async with AsyncExitStack() as stack:
         stack.callback(os.close, lock_fd)

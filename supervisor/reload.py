@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import msgspec
 
 from corral.protocol.control import ReloadResult
-from corral.supervisor import cgroups
+from corral.supervisor import cgroups, views
 from corral.supervisor.config import Config, ConfigError, find_config_path, load_config
 from corral.supervisor.delivery import WebhookDelivery
 from corral.supervisor.spawner import Spawner
@@ -89,8 +90,10 @@ class Reloader:
         sup: Supervisor,
         path: Path | None,
         on_applied: Callable[[Config], None] | None = None,
+        notify: Callable[..., None] | None = None,
     ) -> None:
         self.sup = sup
+        self.notify = notify  # sd_notify: RELOADING=1 while it runs, READY=1 after
         self.path = path  # None: the lookup `serve` made (CORRAL_CONFIG, ./corral.toml)
         self.on_applied = on_applied  # what else holds a piece of the config (the HTTP channel)
         self._lock = asyncio.Lock()
@@ -101,7 +104,14 @@ class Reloader:
 
     async def reload(self) -> ReloadResult:
         async with self._lock:
-            result = await self._reload()
+            if self.notify is not None:
+                usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+            try:
+                result = await self._reload()
+            finally:
+                if self.notify is not None:
+                    self.notify("READY=1", views.systemd_status(self.sup))
         if result.error:
             log.error("reload refused, the old config stays: %s", result.error)
         elif result.changed:

@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from tests.harness import Corral, to_toml, wait_for
+from tests.harness import REPO, Corral, to_toml, wait_for
 
 CHAOS = "corral.worker.agents.chaos:agent"
 PID_ECHO = "tests.agents:pid_echo"
@@ -178,3 +178,11 @@ def test_webhook_url_change_applies_without_a_restart_but_a_new_channel_is_refus
     result = c.cli("reload")
     assert result.returncode == 1
     assert "channels.webhook.other" in result.stderr
+
+
+def test_the_unit_reloads_with_corral_reload_so_systemctl_reload_reports_a_refusal():
+    unit = (REPO / "deploy" / "systemd" / "corral.service").read_text()
+    reload_lines = [x for x in unit.splitlines() if x.startswith("ExecReload=")]
+    start = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    program = start.removeprefix("ExecStart=").split()[0]
+    assert reload_lines == [f"ExecReload={program} reload"]
