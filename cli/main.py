@@ -139,7 +139,7 @@ def serve(config_path: str | None, log_level: str) -> None:
         with logging_to_stderr(log_level):
             code = asyncio.run(run(config, found.resolve() if found else None))
     except KeyboardInterrupt:  # Ctrl-C before the supervisor's own handlers are in place
-        click.echo("corral serve: interrupted before it started", err=True)
+        click.echo("corral serve: interrupted", err=True)
         code = 130
     sys.exit(code)
 

@@ -112,11 +112,6 @@ class Signals:
         log.info("SIGHUP: reloading the config")
         self.reloader.signalled()
 
-    def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (*self.STOP, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-
 
 async def serve(config: Config, config_path: Path | None = None) -> int:
     """Run the supervisor; the process exit code. `config_path`: the file `config` came
@@ -156,8 +151,9 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
         stack.callback(os.close, lock_fd)
         stack.callback(notifier.close)
         stack.push_async_callback(sup.close)
+        # kept to the end: the loop's close removes them (a signal during the close
+        # must not become a KeyboardInterrupt)
         signals = Signals(sup, reloader)
-        stack.callback(signals.close)
         started = {"supervisor": False}
 
         async def start() -> None:
