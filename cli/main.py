@@ -23,7 +23,13 @@ from corral.cli.client import (
     new_message_id,
     post_message,
 )
-from corral.supervisor.config import Config, ConfigError, find_config_path, load_config
+from corral.supervisor.config import (
+    Config,
+    ConfigError,
+    SupervisorConfig,
+    find_config_path,
+    load_config,
+)
 from corral.supervisor.logs import logging_to_stderr
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -460,8 +466,33 @@ def top(interval: float, sort: str, count: int | None, config: Config, timeout: 
             pass
 
 
+def _socket_config(path: str | None) -> Config:
+    """The config, or, if it does not load, just where its control socket is: a reload
+    of a broken file must still reach corral, which refuses it, logs why and keeps the
+    old one."""
+    try:
+        return load_config(path)
+    except ConfigError:
+        pass
+    found = find_config_path(path)
+    try:
+        raw = msgspec.toml.decode(found.read_bytes()) if found else {}
+        table = raw.get("supervisor", {}) if isinstance(raw, dict) else {}
+        where = {k: v for k, v in table.items() if k in ("state_dir", "control_socket")}
+        return Config(supervisor=msgspec.convert(where, SupervisorConfig))
+    except (OSError, msgspec.MsgspecError, AttributeError):
+        return _load(path)  # not even that: the error names the file and the key
+
+
 @main.command()
-@config_option
+@click.option(
+    "--config",
+    "config",
+    metavar="PATH",
+    callback=lambda ctx, param, path: _socket_config(path),
+    help="corral.toml (default: $CORRAL_CONFIG, then ./corral.toml): where corral's "
+    "control socket is; corral re-reads the file it was started with",
+)
 @timeout_option
 @json_option
 def reload(config: Config, timeout: float, as_json: bool) -> None:

@@ -84,9 +84,11 @@ def test_a_bad_config_on_sighup_keeps_the_old_one_and_names_the_key(corral):
     # the old limits still hold: a 2 s turn is fine under 30 s
     assert c.texts("carol", "sleep 2; echo still 30s") == ["still 30s"]
 
-    result = c.cli("reload")
+    refusals = c.log().count("reload refused")
+    result = c.cli("reload")  # the broken file does not stop the CLI from asking corral
     assert result.returncode == 1
-    assert "limits.turn_timeout" in result.stderr
+    assert "limits.turn_timeout" in result.stderr and "old config stays" in result.stderr
+    assert c.log().count("reload refused") == refusals + 1
     as_json = c.cli("reload", "--json")
     assert as_json.returncode == 1
     assert "limits.turn_timeout" in json.loads(as_json.stdout)["error"]
