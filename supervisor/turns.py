@@ -135,8 +135,8 @@ class Turns:
                 # A turn can cross the memory or CPU bound between two watchdog ticks and
                 # end before the next. When the worker's own figures come near a bound,
                 # measure once more, so the turn that crossed it is the one that is told.
-                if NEAR_BOUND * int(self.limits.rss_max) < peak_rss or (
-                    NEAR_BOUND * float(self.limits.cpu_time_per_turn) < turn_cpu
+                if NEAR_BOUND * int(t.limits.rss_max) < peak_rss or (
+                    NEAR_BOUND * float(t.limits.cpu_time_per_turn) < turn_cpu
                 ):
                     await self.measure(w)
                 if w.exit is None:

@@ -188,3 +188,20 @@ def test_the_unit_reloads_with_corral_reload_so_systemctl_reload_reports_a_refus
     start = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
     program = start.removeprefix("ExecStart=").split()[0]
     assert reload_lines == [f"ExecReload={program} reload"]
+
+
+def test_a_lower_rss_max_spares_the_running_turn_and_bounds_the_next(corral):
+    c = corral({"limits": {"rss_max": "400MiB"}}, agent=CHAOS)
+    answer: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: answer.update(c.send("hal", "balloon 120; sleep 3; echo big but allowed"))
+    )
+    t.start()
+    wait_for(lambda: [r for r in c.ls() if r["rss"] > 100 * 1024 * 1024], timeout=30)
+    rewrite(c, {"limits": {"rss_max": "60MiB"}})
+    assert c.cli("reload").returncode == 0
+    t.join(60)
+    assert answer["status"] == "done", answer
+    replies = c.send("hal", "balloon 120; echo too big now")
+    assert replies["status"] == "error"
+    assert "[rss_limit]" in replies["replies"][-1]["text"]
