@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,7 @@ class Pane:
             "TERM=xterm-256color",
             command,
         )
+        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").stdout.strip()
 
     def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -63,6 +65,8 @@ class Pane:
 
     def close(self) -> None:
         self.tmux("kill-server")
+        if self.socket_path:  # tmux leaves its socket file behind
+            Path(self.socket_path).unlink(missing_ok=True)
 
 
 @pytest.fixture
