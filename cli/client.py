@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from corral.protocol.control import (
     History,
     KillResult,
     MessageResult,
+    ReloadResult,
     RetryResult,
     SessionInfo,
     SessionList,
@@ -35,6 +38,7 @@ from corral.protocol.control import (
 from corral.supervisor.config import Config, split_listen
 
 DEFAULT_TIMEOUT = 5.0
+RELOAD_TIME = 60.0  # on top of --timeout: a new agent's zygote may take this long to start
 # exit codes of every client command (documented in `corral --help` and the README)
 EXIT_OK = 0
 EXIT_FAILED = 1  # corral refused, could not be reached, or the turn ended with an error
@@ -69,10 +73,12 @@ def _request(
     where: str,
     unix_socket: Path | None = None,
     notice: tuple[float, Callable[[], None]] | None = None,
+    late: str = "",
     **kwargs: Any,
 ) -> tuple[int, bytes]:
     """The status and body of one request; `where` names the server in messages.
-    With `notice` (seconds, callback), the callback runs if no answer came by then."""
+    With `notice` (seconds, callback), the callback runs if no answer came by then;
+    `late` is added to the message when no answer came within the deadline."""
 
     async def go() -> tuple[int, bytes]:
         connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket else None
@@ -92,7 +98,9 @@ def _request(
     try:
         return asyncio.run(noticed())
     except TimeoutError:  # first: a TimeoutError is an OSError, but corral is there
-        raise click.ClickException(f"corral did not answer within {deadline:g}s {where}") from None
+        raise click.ClickException(
+            f"corral did not answer within {deadline:g}s {where}{late}"
+        ) from None
     except (aiohttp.ClientError, OSError) as e:
         raise click.ClickException(
             f"cannot reach corral {where}: {e}. Is 'corral serve' running?"
@@ -133,7 +141,7 @@ class ControlClient:
 
     def __init__(self, config: Config, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.config = config
-        self.path = config.control_socket_path
+        self.path = config.find_control_socket()
         self.timeout = timeout
 
     def status(self) -> Answer[Status]:
@@ -186,10 +194,22 @@ class ControlClient:
         params = {"timeout": str(drain_timeout)} if drain_timeout is not None else None
         return self._call(DrainResult, "POST", "/v1/drain", params)
 
-    def wait_stopped(self, bound: float) -> bool:
-        """Whether the supervisor exited (its socket is gone) within `bound` seconds."""
+    def reload(self) -> Answer[ReloadResult]:
+        """Ask corral to re-read its config; a refusal (409) names the key."""
+        # loading a new agent can take as long as a zygote start
+        return self._call(ReloadResult, "POST", "/v1/reload", extra_time=RELOAD_TIME, refused=True)
+
+    def wait_stopped(
+        self, bound: float, every: tuple[float, Callable[[], None]] | None = None
+    ) -> bool:
+        """Whether the supervisor exited (its socket is gone) within `bound` seconds;
+        with `every` (seconds, callback), the callback runs that often meanwhile."""
         deadline = time.monotonic() + bound
+        next_call = time.monotonic()
         while self.path.exists() and time.monotonic() < deadline:  # ends at the deadline
+            if every is not None and time.monotonic() >= next_call:
+                every[1]()
+                next_call = time.monotonic() + every[0]
             time.sleep(0.1)
         return not self.path.exists()
 
@@ -202,6 +222,7 @@ class ControlClient:
         extra_time: float = 0.0,
         notice: tuple[float, Callable[[], None]] | None = None,
         json: Any = None,
+        refused: bool = False,
     ) -> Answer[T]:
         if not self.path.exists():
             raise click.ClickException(
@@ -220,6 +241,8 @@ class ControlClient:
         )
         answer = _decode(kind, status, raw, where)
         if isinstance(answer, Refused):
+            if refused and status == 409:  # a refusal with a body of `kind` (reload)
+                return Answer(msgspec.convert(answer.plain, kind), answer.plain)
             raise click.ClickException(answer.error)
         return answer
 
@@ -245,9 +268,9 @@ def post_message(
     """POST a message to the HTTP channel; with `wait`, corral holds the answer up to
     `wait` seconds for the replies, so the deadline is `timeout` on top of it."""
     base = http_base(config)
-    body = {"session": session, "text": text}
-    if message_id:
-        body["id"] = message_id
+    # always an id: a send that timed out can be retried as the same message
+    message_id = message_id or new_message_id()
+    body = {"session": session, "text": text, "id": message_id}
     headers = {}
     if token := os.environ.get("CORRAL_TOKEN") or config.channels.http.token:
         headers["Authorization"] = f"Bearer {token}"
@@ -260,5 +283,50 @@ def post_message(
         json=body,
         params={"wait": str(wait)} if wait is not None else {},
         headers=headers,
+        late=(
+            f". The message may have been accepted: retry with --id {message_id} "
+            "so that the retry is the same message, not a second one"
+        ),
     )
     return _decode(MessageResult, status, raw, where)
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ProgressNotes:
+    """While `send --wait` waits, the agent's progress notes for that message, printed
+    as they come: read from the control socket twice a second (when this host has it)."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, config: Config, session: str, message_id: str, show: Callable[[str], None]):
+        self.client = ControlClient(config, timeout=1.0)
+        self.session = session
+        self.message_id = message_id
+        self.show = show
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> ProgressNotes:
+        if self.client.path.exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        last = None
+        while not self._done.wait(self.INTERVAL):  # ends when the send returns
+            try:
+                info = self.client.session(self.session).body
+            except click.ClickException:
+                continue  # not known yet, or corral is busy: the send itself reports
+            if info.turn == self.message_id and info.progress and info.progress != last:
+                last = info.progress
+                if not self._done.is_set():
+                    self.show(info.progress)

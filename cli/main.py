@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -11,15 +12,24 @@ import click
 import msgspec
 
 from corral.cli import render
+from corral.cli import top as top_view
 from corral.cli.client import (
     DEFAULT_TIMEOUT,
     EXIT_FAILED,
     EXIT_PENDING,
     ControlClient,
+    ProgressNotes,
     Refused,
+    new_message_id,
     post_message,
 )
-from corral.supervisor.config import Config, ConfigError, find_config_path, load_config
+from corral.supervisor.config import (
+    Config,
+    ConfigError,
+    SupervisorConfig,
+    find_config_path,
+    load_config,
+)
 from corral.supervisor.logs import logging_to_stderr
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -118,21 +128,32 @@ def main() -> None:
 
 
 @main.command()
-@config_option
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="corral.toml (default: $CORRAL_CONFIG, then ./corral.toml, then built-in defaults); "
+    "re-read on SIGHUP and `corral reload`",
+)
 @click.option(
     "--log-level",
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
-def serve(config: Config, log_level: str) -> None:
+def serve(config_path: str | None, log_level: str) -> None:
     """Run the supervisor."""
     # imported here: the client commands need none of the supervisor
     from corral.supervisor.app import serve as run
 
-    path = click.get_current_context().meta.get(CONFIG_PATH)
-    with logging_to_stderr(log_level):
-        code = asyncio.run(run(config, path))
+    found = find_config_path(config_path)
+    config = _load(str(found) if found else None)
+    try:
+        with logging_to_stderr(log_level):
+            code = asyncio.run(run(config, found.resolve() if found else None))
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor's own handlers are in place
+        click.echo("corral serve: interrupted", err=True)
+        code = 130
     sys.exit(code)
 
 
@@ -166,8 +187,17 @@ def send(
     timeout: float,
     config: Config,
 ) -> None:
-    """Send TEXT to SESSION over the HTTP channel."""
-    answer = post_message(config, session, text, message_id, wait, timeout)
+    """Send TEXT to SESSION over the HTTP channel ("-": read TEXT from stdin)."""
+    if text == "-":
+        text = sys.stdin.read().removesuffix("\n")  # what `echo` adds
+    message_id = message_id or new_message_id()
+    if wait is not None and not as_json:
+        with ProgressNotes(
+            config, session, message_id, lambda note: click.echo(f"... {note}", err=True)
+        ):
+            answer = post_message(config, session, text, message_id, wait, timeout)
+    else:
+        answer = post_message(config, session, text, message_id, wait, timeout)
     if isinstance(answer, Refused):
         if as_json:
             click.echo(render.as_json(answer.plain))
@@ -370,16 +400,123 @@ def status(config: Config, timeout: float, as_json: bool) -> None:
 def drain(drain_timeout: float | None, no_wait: bool, config: Config, as_json: bool) -> None:
     """Stop intake, let running turns finish, stop every worker, and exit."""
     client = ControlClient(config)
+    grace = None if no_wait else client.status().body.kill_grace  # the server's, not ours
     answer = client.drain(drain_timeout)
     if as_json:
         click.echo(render.as_json(answer.plain))
     if no_wait:
         return
-    bound = answer.body.drain_timeout + float(config.supervisor.kill_grace) + 10
-    if not client.wait_stopped(bound):
+    drain_for = answer.body.drain_timeout
+    kill_grace = float(config.supervisor.kill_grace) if grace is None else grace
+    bound = drain_for + kill_grace + 10
+    began = time.monotonic()
+    shown: list[tuple[str, str]] = []
+
+    def progress() -> None:  # what the drain waits for, whenever that changes
+        try:
+            sessions = ControlClient(config, 1.0).sessions().body.sessions
+        except click.ClickException:
+            return  # stopping: the socket goes away at the end
+        waiting = sorted((s.session, s.state) for s in sessions if s.state in ("busy", "stopping"))
+        if waiting == shown or not waiting:
+            return
+        shown[:] = waiting
+        left = max(0.0, drain_for - (time.monotonic() - began))
+        names = ", ".join(f"{key} ({state})" for key, state in waiting[:10])
+        more = f" and {len(waiting) - 10} more" if len(waiting) > 10 else ""
+        click.echo(
+            f"waiting for {len(waiting)} sessions: {names}{more}; running turns get "
+            f"{left:.0f}s more (drain_timeout), then SIGTERM, SIGKILL {kill_grace:g}s later",
+            err=True,
+        )
+
+    if not client.wait_stopped(bound, None if as_json else (1.0, progress)):
         raise click.ClickException(f"corral has not stopped within {bound:g}s")
     if not as_json:
         click.echo("drained")
+
+
+@main.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--sort",
+    type=click.Choice(list(top_view.SORTS)),
+    default="session",
+    show_default=True,
+    help="The first sort key (`s` switches it, `r` reverses it).",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Not in a terminal: print N tables, then exit (default: until interrupted).",
+)
+@config_option
+@timeout_option
+def top(interval: float, sort: str, count: int | None, config: Config, timeout: float) -> None:
+    """A live table of sessions: q quits, s switches the sort key, k kills the selected one.
+
+    When stdout is not a terminal, the table is printed again every --interval."""
+    if sys.stdout.isatty() and sys.stdin.isatty() and count is None:
+        top_view.live(config, timeout, interval, sort)
+    else:
+        try:
+            top_view.plain(config, timeout, interval, count, sort)
+        except KeyboardInterrupt:
+            pass
+
+
+def _socket_config(path: str | None) -> Config:
+    """The config, or, if it does not load, just where its control socket is: a reload
+    of a broken file must still reach corral, which refuses it, logs why and keeps the
+    old one."""
+    try:
+        return load_config(path)
+    except ConfigError:
+        pass
+    found = find_config_path(path)
+    try:
+        raw = msgspec.toml.decode(found.read_bytes()) if found else {}
+        table = raw.get("supervisor", {}) if isinstance(raw, dict) else {}
+        where = {k: v for k, v in table.items() if k in ("state_dir", "control_socket")}
+        return Config(supervisor=msgspec.convert(where, SupervisorConfig))
+    except (OSError, msgspec.MsgspecError, AttributeError):
+        return _load(path)  # not even that: the error names the file and the key
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config",
+    metavar="PATH",
+    callback=lambda ctx, param, path: _socket_config(path),
+    help="corral.toml (default: $CORRAL_CONFIG, then ./corral.toml): where corral's "
+    "control socket is; corral re-reads the file it was started with",
+)
+@timeout_option
+@json_option
+def reload(config: Config, timeout: float, as_json: bool) -> None:
+    """Re-read the config (as SIGHUP does): limits, agent, delivery and webhook url/secret
+    apply from the next turn; anything else needs a restart and is refused."""
+    answer = ControlClient(config, timeout).reload()
+    result = answer.body
+    if as_json:
+        click.echo(render.as_json(answer.plain))
+    elif result.error:
+        click.echo(f"reload refused, the old config stays: {result.error}", err=True)
+    elif result.changed:
+        click.echo(f"reloaded {result.path}: {', '.join(result.changed)}")
+    else:
+        click.echo(f"reloaded {result.path}: nothing changed")
+    if result.error:
+        sys.exit(EXIT_FAILED)
 
 
 @main.group()

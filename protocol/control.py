@@ -26,6 +26,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     # from the store: with `ls --all` and `show` (None where not asked)
     messages: int | None = None  # messages accepted for the session, all time
     last_message_at: float | None = None  # unix time of the last one
+    progress: str | None = None  # the running turn's last progress note
 
 
 class SessionList(msgspec.Struct):
@@ -145,3 +146,11 @@ class MessageResult(msgspec.Struct):
     session: str
     status: str  # accepted (no ?wait) | pending | done | error
     replies: list[ReplyOut] | msgspec.UnsetType = msgspec.UNSET  # only with ?wait
+
+
+class ReloadResult(msgspec.Struct, kw_only=True):
+    """`corral reload` (and SIGHUP): what changed, or why nothing did."""
+
+    path: str  # the config file re-read
+    changed: list[str] = msgspec.field(default_factory=list)  # dotted keys now in effect
+    error: str | None = None  # the reload was refused: the old config stays

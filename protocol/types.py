@@ -25,6 +25,7 @@ class ExitReason(StrEnum):
     KILLED = "killed"
     DRAIN = "drain"
     EVICTED = "evicted"
+    RELOAD = "reload"  # retired after a reload changed what workers start with
 
 
 EXIT_REASONS: Final = tuple(ExitReason)

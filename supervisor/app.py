@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -20,6 +21,7 @@ from corral.supervisor.config import Config, ConfigError, split_listen, telegram
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.metrics import MetricsServer
 from corral.supervisor.nodelock import NodeLock
+from corral.supervisor.reload import Reloader
 from corral.supervisor.sdnotify import Notifier
 from corral.supervisor.spawner import SpawnError
 from corral.supervisor.stores import AnyStore, StoreError, make_store
@@ -107,10 +109,46 @@ async def started(key: str, value: object, step: Awaitable[None]) -> None:
         raise StartError(f"{key} = {str(value)!r}: {why}") from None
 
 
+class Signals:
+    """SIGTERM/SIGINT stop (a second one hurries the drain); SIGHUP reloads once serving.
+    Installed before anything starts, so a signal during the start stops it cleanly."""
+
+    STOP = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, sup: Supervisor, reloader: Reloader) -> None:
+        self.sup = sup
+        self.reloader = reloader
+        self.serving = False
+        self.stops = 0
+        loop = asyncio.get_running_loop()
+        for sig in self.STOP:
+            loop.add_signal_handler(sig, self.stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.hangup)
+
+    def stop(self, sig: signal.Signals) -> None:
+        self.stops += 1
+        if self.stops == 1:
+            log.info("%s: stopping (another one skips the rest of drain_timeout)", sig.name)
+            self.sup.request_stop()
+        elif not self.sup.hurried:
+            log.warning(
+                "%s again: skipping the rest of drain_timeout; workers get SIGTERM now, "
+                "SIGKILL after kill_grace",
+                sig.name,
+            )
+            self.sup.hurry()
+
+    def hangup(self) -> None:
+        if not self.serving:
+            log.warning("SIGHUP during start: ignored (send it again once corral is serving)")
+            return
+        log.info("SIGHUP: reloading the config")
+        self.reloader.signalled()
+
+
 async def serve(config: Config, config_path: Path | None = None) -> int:
-    """Run the supervisor (its config read from `config_path`, None: the built-in
-    defaults); the process exit code."""
-    loop = asyncio.get_running_loop()
+    """Run the supervisor; the process exit code. `config_path`: the file `config` came
+    from, re-read on reload (None: the same lookup again)."""
     # The store, sampler and scrape threads hold the GIL for up to this long before
     # the loop gets it back; 5 ms (the default) shows up as loop lag under load.
     sys.setswitchinterval(0.001)
@@ -143,17 +181,30 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
         *split_listen(config.metrics.listen, "metrics.listen"),
         draining=lambda: sup.draining,
     )
+
+    def http_applied(new: Config) -> None:
+        # bodies stay capped by the size the channel started with
+        http.max_text = int(new.limits.max_text)
+
+    reloader = Reloader(sup, config_path, on_applied=http_applied, notify=notifier.notify)
+    control.reloader = reloader
     async with AsyncExitStack() as stack:
         stack.callback(os.close, lock_fd)
         stack.callback(notifier.close)
         stack.push_async_callback(sup.close)
-        try:
+        # kept to the end: the loop's close removes them (a signal during the close
+        # must not become a KeyboardInterrupt)
+        signals = Signals(sup, reloader)
+        begun = {"supervisor": False}
+
+        async def start() -> None:
             if config.store.url:
                 node_lock = NodeLock(config.store.url)
                 stack.push_async_callback(node_lock.release)
                 await node_lock.acquire()
                 sup.services.start("node lock", node_lock.watch)
             await sup.start()
+            begun["supervisor"] = True
             stack.push_async_callback(control.stop)
             socket_key = (
                 "supervisor.control_socket"
@@ -165,11 +216,25 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
             await started("channels.http.listen", config.channels.http.listen, http.start())
             stack.push_async_callback(metrics.stop)
             await started("metrics.listen", config.metrics.listen, metrics.start())
+
+        starting = asyncio.ensure_future(start())
+        stop = asyncio.ensure_future(sup.wait_stop_requested())
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal during the start: stop without a traceback
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            log.info("stopped during start")
+            if begun["supervisor"]:
+                await sup.drain()
+            return 0
+        try:
+            starting.result()
         except (SpawnError, ControlSocketBusy, StoreError, StartError, OSError) as e:
+            stop.cancel()
             log.error("cannot start: %s", e)
             return 2
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, sup.request_stop)
+        signals.serving = True
         feed_systemd(sup, notifier)
         notifier.notify("READY=1", views.systemd_status(sup))
         log.info(
@@ -179,9 +244,15 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
             config.state_path,
             listening(config),
         )
-        await sup.wait_stop_requested()
+        await stop
         notifier.notify("STOPPING=1", "STATUS=draining")
-        log.info("stopping: draining for up to %gs", sup.drain_timeout)
+        busy = sorted(w.session for w in sup.busy_workers())
+        log.info(
+            "stopping: draining for up to %gs; waiting for %d running turns%s",
+            sup.drain_timeout,
+            len(busy),
+            f": {', '.join(busy[:10])}{' ...' if len(busy) > 10 else ''}" if busy else "",
+        )
         await sup.drain()
     if sup.fatal is not None:
         log.critical("stopped: %s", sup.fatal)

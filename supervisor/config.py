@@ -38,8 +38,8 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class SupervisorConfig(_Section):
-    state_dir: str = "~/.local/state/corral"
-    control_socket: str = ""
+    state_dir: str = ""  # empty: $STATE_DIRECTORY (StateDirectory=), else ~/.local/state/corral
+    control_socket: str = ""  # empty: $RUNTIME_DIRECTORY/control.sock, else in state_dir
     control_socket_mode: int = 0o600  # 0o660 lets the service's group use the CLI
     drain_timeout: Duration = Duration(30)
     kill_grace: Duration = Duration(5)
@@ -131,13 +131,41 @@ class Config(_Section):
 
     @property
     def state_path(self) -> Path:
-        return Path(self.supervisor.state_dir).expanduser()
+        if self.supervisor.state_dir:
+            return Path(self.supervisor.state_dir).expanduser()
+        if systemd := _systemd_dir("STATE_DIRECTORY"):
+            return systemd
+        return Path(DEFAULT_STATE_DIR).expanduser()
 
     @property
     def control_socket_path(self) -> Path:
+        """Where `serve` binds the control socket."""
         if self.supervisor.control_socket:
             return Path(self.supervisor.control_socket).expanduser()
-        return self.state_path / "control.sock"
+        if runtime := _systemd_dir("RUNTIME_DIRECTORY"):
+            return runtime / CONTROL_SOCKET
+        return self.state_path / CONTROL_SOCKET
+
+    def find_control_socket(self) -> Path:
+        """Where the CLI looks for it: as `serve` would bind it; with neither
+        control_socket nor state_dir set and nothing there, the service unit's
+        RuntimeDirectory= (an operator's shell has no $RUNTIME_DIRECTORY)."""
+        path = self.control_socket_path
+        if self.supervisor.control_socket or self.supervisor.state_dir or path.exists():
+            return path
+        unit = Path(UNIT_RUNTIME_DIR) / CONTROL_SOCKET
+        return unit if unit.exists() else path
+
+
+DEFAULT_STATE_DIR = "~/.local/state/corral"
+CONTROL_SOCKET = "control.sock"
+UNIT_RUNTIME_DIR = "/run/corral"  # RuntimeDirectory=corral in deploy/systemd/corral.service
+
+
+def _systemd_dir(variable: str) -> Path | None:
+    """The first of the directories systemd lists in `variable` (":"-separated)."""
+    first = os.environ.get(variable, "").split(":")[0]
+    return Path(first) if first else None
 
 
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")

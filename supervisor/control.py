@@ -1,5 +1,5 @@
 """The control API: HTTP+JSON on a Unix socket, for `corral ls/show/history/kill/release/
-status/drain/dead-letters`.
+status/drain/reload/dead-letters`.
 
 The socket is created 0600 (or 0660 with `control_socket_mode = 0o660`): whoever
 can open it can kill sessions. A stale socket of a crashed run is replaced; a live
@@ -16,7 +16,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -25,6 +25,9 @@ from corral.protocol.control import DrainResult, ErrorBody, RetryRequest, RetryR
 from corral.protocol.types import InvalidSessionKey, check_session_key
 from corral.supervisor import views
 from corral.supervisor.supervisor import Supervisor, UnknownSession
+
+if TYPE_CHECKING:
+    from corral.supervisor.reload import Reloader
 
 log = logging.getLogger("corral.control")
 _json = msgspec.json.Encoder()
@@ -109,6 +112,7 @@ class ControlServer:
         self.path = path
         self.mode = mode
         self._runner: web.AppRunner | None = None
+        self.reloader: Reloader | None = None  # set by `serve`
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.refusals])
@@ -120,6 +124,7 @@ class ControlServer:
         r.add_post("/v1/sessions/{session}/kill", self.kill)
         r.add_post("/v1/sessions/{session}/release", self.release)
         r.add_post("/v1/drain", self.drain)
+        r.add_post("/v1/reload", self.reload)
         r.add_get("/v1/dead-letters", self.dead_letters)
         r.add_post("/v1/dead-letters/retry", self.retry_dead_letters)
         return app
@@ -212,6 +217,13 @@ class ControlServer:
         if not released:
             return _error(404, f"session {request.match_info['session']!r} is not quarantined")
         return _respond(views.session_info(self.sup, request.match_info["session"]))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        """Re-read the config (as SIGHUP does); 409 with the reason if it is refused."""
+        if self.reloader is None:
+            return _error(503, "this supervisor cannot reload")
+        result = await self.reloader.reload()
+        return _respond(result, 409 if result.error else 200)
 
     async def drain(self, request: web.Request) -> web.Response:
         raw = request.query.get("timeout")

@@ -155,7 +155,7 @@ class WebhookDelivery:
             self.metrics.delivered.labels(self.name).inc()
             return
         self.metrics.delivery_failures.labels(self.name).inc()
-        age = time.time() - stored.created_at
+        age = time.time() - stored.age_from  # a retried dead letter: from its retry
         if status and not retryable(status):
             why = f"{error}: not retried"
         elif attempts >= self.cfg.max_attempts:

@@ -83,6 +83,8 @@ CREATE TABLE corral.reply_parts (
     ),
     # retention prunes finished messages oldest first
     (4, "CREATE INDEX IF NOT EXISTS messages_finished ON corral.messages (finished_at);"),
+    # the last `corral dead-letters retry` of a reply: delivery's max_age counts from it
+    (5, "ALTER TABLE corral.replies ADD COLUMN retried_at double precision;"),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
 

@@ -85,6 +85,11 @@ class Spawner:
             await self.stop()
             raise
 
+    async def start_guarded(self) -> None:
+        """start(), seen as `starting` meanwhile (the stray sweep waits for its PID)."""
+        async with self._starting:
+            await self.start()
+
     async def ensure_started(self) -> None:
         async with self._starting:
             if self._sock is None:

@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS replies (
     delivery TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    retried_at REAL  -- the last `corral dead-letters retry`: max_age counts from it
 );
 CREATE INDEX IF NOT EXISTS replies_by_session ON replies (session, channel, cursor);
 CREATE INDEX IF NOT EXISTS replies_by_message ON replies (message_id, idx);
@@ -107,6 +108,17 @@ _IOERR, _CORRUPT, _FULL, _NOTADB = 10, 11, 13, 26
 _READONLY_DBMOVED = 8 | (4 << 8)  # the database file was renamed or deleted since opened
 WAL_LIMIT = 4 * 1024 * 1024  # bytes
 PRIVATE = 0o600  # the database and its -wal and -shm: every message ever accepted
+
+
+# columns added since the first schema: (table, column, declaration), for older files
+_ADDED_COLUMNS = [("replies", "retried_at", "REAL")]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 class Store(StoreThread[sqlite3.Connection], DeliveryOps):
@@ -139,6 +151,7 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
             conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.chmod(f"{self.path}{suffix}", PRIVATE)

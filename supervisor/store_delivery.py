@@ -273,10 +273,10 @@ class DeliveryOps:
             chosen = "" if ids is None else f"AND id IN ({','.join('?' * len(ids))})"
             rows = conn.execute(
                 "UPDATE replies SET delivery = 'pending', attempts = 0, next_attempt_at = 0, "
-                f"last_error = NULL WHERE delivery = 'dead' "
+                f"last_error = NULL, retried_at = ? WHERE delivery = 'dead' "
                 f"AND channel IN ({','.join('?' * len(channels))}) {chosen} "
                 f"RETURNING {_REPLY_COLUMNS}",
-                [*channels, *(ids or [])],
+                [time.time(), *channels, *(ids or [])],
             ).fetchall()
             return sorted((_stored_reply(r) for r in rows), key=_by_cursor)
 

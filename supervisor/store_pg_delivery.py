@@ -276,10 +276,11 @@ class PgDeliveryOps:
             if not channels or ids == []:
                 return []
             chosen = "" if ids is None else "AND id = ANY(%s::text[])"
-            params: list[Any] = [list(channels)] + ([] if ids is None else [list(ids)])
+            params: list[Any] = [time.time(), list(channels)]
+            params += [] if ids is None else [list(ids)]
             rows = conn.execute(
                 "UPDATE corral.replies SET delivery = 'pending', attempts = 0, "
-                "next_attempt_at = 0, last_error = NULL WHERE delivery = 'dead' "
+                "next_attempt_at = 0, last_error = NULL, retried_at = %s WHERE delivery = 'dead' "
                 f"AND channel = ANY(%s::text[]) {chosen} RETURNING {_REPLY_COLUMNS}",
                 params,
             ).fetchall()

@@ -39,6 +39,12 @@ class StoredReply(msgspec.Struct, frozen=True, kw_only=True):
     delivery: str
     attempts: int
     created_at: float
+    retried_at: float | None = None  # put back from the dead letters: max_age counts from here
+
+    @property
+    def age_from(self) -> float:
+        """When delivery's max_age began: the reply's creation, or its last retry."""
+        return self.created_at if self.retried_at is None else self.retried_at
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -94,7 +100,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 
 _MESSAGE_COLUMNS = "seq, id, session, text, origin, attempts, state"
 _REPLY_COLUMNS = (
-    "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at"
+    "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at, "
+    "retried_at"
 )
 
 
@@ -159,11 +166,12 @@ def _message(row: tuple[Any, ...]) -> Message:
 
 
 def _stored_reply(row: tuple[Any, ...]) -> StoredReply:
-    cursor, *reply, delivery, attempts, created = row
+    cursor, *reply, delivery, attempts, created, retried = row
     return StoredReply(
         reply=_reply(*reply),
         cursor=cursor,
         delivery=delivery,
         attempts=attempts,
         created_at=created,
+        retried_at=retried,
     )

@@ -27,7 +27,7 @@ from corral.protocol.types import (
 )
 from corral.supervisor import cgroups
 from corral.supervisor.channels.telegram_wiring import TelegramWiring
-from corral.supervisor.config import Config
+from corral.supervisor.config import Config, LimitsConfig
 from corral.supervisor.crashloop import CrashLoops
 from corral.supervisor.delivery import Outbox
 from corral.supervisor.inbox import Inbox
@@ -79,10 +79,10 @@ class Supervisor:
         self.store = store or make_store(config)
         self.metrics = Metrics()
         self.metrics.declare_channels([HTTP_CHANNEL, *config.channels.webhook])
-        self.max_frame = (
-            max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
-        )
+        self.max_frame = self.frame_cap(self.limits)
         self.spawner = Spawner(worker_settings(config, self.max_frame))
+        # workers of a zygote replaced by a reload, and that zygote: retired after their turn
+        self.old_spawner_of: dict[Worker, Spawner] = {}
         self.procs = ProcThread()
         self.tasks = Tasks()
         self.services = Services(on_fatal=self.give_up)
@@ -111,6 +111,7 @@ class Supervisor:
         self.drain_timeout = float(config.supervisor.drain_timeout)
         self.started_wall = time.time()
         self._stop_requested = asyncio.Event()
+        self.hurried = False  # a second stop signal: the rest of drain_timeout is skipped
         # Telegram bots: pollers in, the outbox out (telegram_tokens: read from env if None)
         self.telegram = TelegramWiring(self, telegram_tokens) if config.channels.telegram else None
 
@@ -163,6 +164,13 @@ class Supervisor:
             self.drain_timeout = drain_timeout
         self._stop_requested.set()
 
+    def hurry(self) -> None:
+        """A second SIGTERM/SIGINT: stop the workers now (SIGTERM, SIGKILL after kill_grace)
+        instead of waiting out drain_timeout."""
+        self.hurried = True
+        self.request_stop()
+        self.changes.notify()
+
     async def wait_stop_requested(self) -> None:
         await self._stop_requested.wait()
 
@@ -181,7 +189,9 @@ class Supervisor:
         if self.telegram is not None:
             self.telegram.stop_polling()
         self.inbox.close_waits()  # every ?wait and long-poll answers now
-        await self.changes.wait_until(lambda: not self.busy_workers(), self.drain_timeout)
+        await self.changes.wait_until(
+            lambda: self.hurried or not self.busy_workers(), self.drain_timeout
+        )
         for w in self.sessions.workers():
             if w.state is SessionState.BUSY:
                 w.stop(ExitReason.DRAIN, "the supervisor is stopping")
@@ -190,6 +200,10 @@ class Supervisor:
         grace = float(self.config.supervisor.kill_grace) + DRAINED_GRACE
         if not await self.changes.wait_until(lambda: not self.sessions.workers(), grace):
             log.error("%d workers not reaped after drain", len(self.sessions.workers()))
+
+    @staticmethod
+    def frame_cap(limits: LimitsConfig) -> int:
+        return max(int(limits.output_per_turn), int(limits.max_text)) + frames.FRAME_OVERHEAD
 
     def busy_workers(self) -> list[Worker]:
         return [w for w in self.sessions.workers() if w.state is SessionState.BUSY]
@@ -201,6 +215,8 @@ class Supervisor:
         if self.telegram is not None:
             await self.telegram.close()
         self.crashloops.close()
+        for old in set(self.old_spawner_of.values()):
+            await old.stop()
         await self.spawner.stop()
         # orphans of a zygote that died since the last sweep would outlive us
         await self.watchdog.sweep_strays()
@@ -265,6 +281,8 @@ class Supervisor:
             return None
         if self.draining:  # a worker that finished starting after the drain began
             return w.retire(ExitReason.DRAIN)
+        if w in self.old_spawner_of:  # a reload changed what workers start with
+            return w.retire(ExitReason.RELOAD)
         if s.queue:
             self.sessions.disarm_idle(s)
             return self.turns.start(s, w, s.queue.popleft())
@@ -315,10 +333,11 @@ class Supervisor:
 
     async def spawn(self, s: Session) -> Worker | None:
         recent = self.crashloops.recent(s.key)
+        spawner = self.spawner
         try:
             # a session that broke a bound within restart_period starts at idle priority:
             # its worker gives way to every well-behaved one
-            spawned = await self.spawner.spawn(s.key, idle=bool(recent))
+            spawned = await spawner.spawn(s.key, idle=bool(recent))
         except Exception as e:  # SpawnError, a timeout, or descriptors running out
             log.error("session %s: cannot start a worker: %s", s.key, e)
             await self.crashloops.count_failure(s.key)
@@ -327,6 +346,8 @@ class Supervisor:
         cgroup_workers = self.delegation.workers if self.delegation else None
         w = Worker(s.key, spawned, self.procs, grace, cgroup_workers)
         w.demoted = bool(recent)
+        if spawner is not self.spawner:  # a reload replaced the zygote during the spawn
+            self.old_spawner_of[w] = spawner
         return w
 
     def ready_callback(self, s: Session, w: Worker) -> Callable[[], None]:
@@ -342,9 +363,12 @@ class Supervisor:
 
     async def reap(self, w: Worker) -> Exit:
         """The worker is dead: how it ended, counted."""
-        exited = await self.spawner.exit_status(w.pid, timeout=REAP_TIMEOUT)
-        exit = w.exit or describe_exit(exited, self.spawner.settings.memory_max)
+        spawner = self.old_spawner_of.get(w, self.spawner)
+        exited = await spawner.exit_status(w.pid, timeout=REAP_TIMEOUT)
+        exit = w.exit or describe_exit(exited, spawner.settings.memory_max)
         self.metrics.worker_exits.labels(exit.reason).inc()
+        if self.old_spawner_of.pop(w, None) is not None:
+            self.stop_if_unused(spawner)
         return exit
 
     def turn_ended(self, s: Session) -> None:
@@ -381,6 +405,32 @@ class Supervisor:
                 await self.inbox.fail(s.queue.popleft(), 0, text)
         finally:
             s.refusing = False
+            self.dispatch(s)
+
+    # ---- reload (supervisor/reload.py decides what changes; these are its apply points)
+
+    async def swap_spawner(self, spawner: Spawner, max_frame: int) -> None:
+        """Start `spawner`'s zygote and spawn every new worker from it; the workers of
+        the old one retire after their turn (`dispatch`), and it stops after them."""
+        old = self.spawner
+        self.watchdog.spawner = spawner  # its `starting` holds off the stray sweep
+        try:
+            await spawner.start_guarded()
+        except BaseException:
+            self.watchdog.spawner = old
+            raise
+        self.spawner, self.max_frame = spawner, max_frame
+        for w in self.sessions.workers():
+            self.old_spawner_of.setdefault(w, old)
+        self.stop_if_unused(old)
+
+    def stop_if_unused(self, spawner: Spawner) -> None:
+        if spawner is not self.spawner and spawner not in self.old_spawner_of.values():
+            self.tasks.start(spawner.stop(), "stop a replaced zygote")
+
+    def retire_stale(self) -> None:
+        """After a reload: idle workers of a replaced zygote retire now."""
+        for s in self.sessions:
             self.dispatch(s)
 
     # ---- operator actions

@@ -41,8 +41,10 @@ class ActiveTurn:
     started: float  # loop time
     last_progress: float  # loop time of the last reply or progress frame
     cpu_base: float  # the tree's CPU time when the turn began
+    limits: LimitsConfig  # as the turn began: a reload applies from the next turn
     output: int = 0  # bytes of frames received during the turn
     next_index: int = 0  # index of the next reply
+    note: str | None = None  # the last progress note (`corral send --wait` shows it)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -93,7 +95,9 @@ class Turns:
             return
         now = asyncio.get_running_loop().time()
         w.idle_output = 0
-        w.turn = ActiveTurn(s, message, attempt, started=now, last_progress=now, cpu_base=w.cpu)
+        w.turn = ActiveTurn(
+            s, message, attempt, started=now, last_progress=now, cpu_base=w.cpu, limits=self.limits
+        )
         turn = Turn(
             id=message.id, session=s.key, text=message.text, origin=message.origin, attempt=attempt
         )
@@ -126,12 +130,13 @@ class Turns:
             case frames.Progress(note=note):
                 if self.charge(w, FRAME_COST + len(note)):
                     t.last_progress = loop.time()
+                    t.note = note or t.note
             case frames.Done(error=error, peak_rss=peak_rss, turn_cpu=turn_cpu):
                 # A turn can cross the memory or CPU bound between two watchdog ticks and
                 # end before the next. When the worker's own figures come near a bound,
                 # measure once more, so the turn that crossed it is the one that is told.
-                if NEAR_BOUND * int(self.limits.rss_max) < peak_rss or (
-                    NEAR_BOUND * float(self.limits.cpu_time_per_turn) < turn_cpu
+                if NEAR_BOUND * int(t.limits.rss_max) < peak_rss or (
+                    NEAR_BOUND * float(t.limits.cpu_time_per_turn) < turn_cpu
                 ):
                     await self.measure(w)
                 if w.exit is None:
@@ -145,7 +150,7 @@ class Turns:
         output_per_turn the worker is stopped and False returned."""
         if w.exit is not None:
             return True
-        limit = int(self.limits.output_per_turn)
+        limit = int((w.turn.limits if w.turn else self.limits).output_per_turn)
         if w.turn is None:
             w.idle_output += n
             if w.idle_output <= limit:
@@ -168,16 +173,13 @@ class Turns:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        turn_deadline = t.started + float(self.limits.turn_timeout)
-        progress_deadline = t.last_progress + float(self.limits.no_progress_timeout)
+        limits = t.limits
+        turn_deadline = t.started + float(limits.turn_timeout)
+        progress_deadline = t.last_progress + float(limits.no_progress_timeout)
         if now >= turn_deadline:
-            w.stop(
-                ExitReason.TURN_TIMEOUT, f"turn took longer than {secs(self.limits.turn_timeout)}"
-            )
+            w.stop(ExitReason.TURN_TIMEOUT, f"turn took longer than {secs(limits.turn_timeout)}")
         elif now >= progress_deadline:
-            w.stop(
-                ExitReason.NO_PROGRESS, f"no progress for {secs(self.limits.no_progress_timeout)}"
-            )
+            w.stop(ExitReason.NO_PROGRESS, f"no progress for {secs(limits.no_progress_timeout)}")
         else:
             t.timer = loop.call_at(min(turn_deadline, progress_deadline), self._arm_deadline, w)
 

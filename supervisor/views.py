@@ -77,6 +77,7 @@ def session_info(sup: Supervisor, key: str, stored: SessionSummary | None = None
         quarantined_until=sup.crashloops.quarantined(key),
         messages=stored.messages if stored else None,
         last_message_at=stored.last_message_at if stored else None,
+        progress=t.note if t else None,
     )
 
 

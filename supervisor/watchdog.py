@@ -86,14 +86,16 @@ class Watchdog:
         self.check(w)
 
     def check(self, w: Worker) -> None:
-        rss_max = int(self.limits.rss_max)
+        # a running turn keeps the bounds it started with (a reload applies from the next)
+        limits = w.turn.limits if w.turn is not None else self.limits
+        rss_max = int(limits.rss_max)
         if w.rss > rss_max:
             detail = f"memory limit exceeded (rss {mib(w.rss, up=True)} > {mib(rss_max)})"
             w.stop(ExitReason.RSS_LIMIT, detail)
             return
         if w.turn is not None:
             used = w.cpu - w.turn.cpu_base
-            limit = float(self.limits.cpu_time_per_turn)
+            limit = float(limits.cpu_time_per_turn)
             if used > min(DEMOTE_CPU, limit / 2) and not w.demoted:
                 w.demote()  # a CPU-heavy turn gives way to every interactive one
             if used > limit:

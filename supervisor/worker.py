@@ -39,7 +39,7 @@ AFTER_DEATH = 1.0  # seconds to read what a dead worker wrote (a stray may hold 
 # busy machine can take over a second, and must not be reported as a protocol error
 DEATH_AFTER_EOF = 3.0
 SURVIVE_SIGKILL = 5.0  # seconds past kill_grace after which a worker is given up on
-QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN)
+QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN, ExitReason.RELOAD)
 
 
 def mib(n: float, up: bool = False) -> str:

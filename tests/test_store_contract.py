@@ -695,3 +695,22 @@ def test_prune_deletes_finished_settled_messages_with_their_replies_only(backend
         await store.close()
 
     backend.run(body)
+
+
+def test_a_retried_dead_letter_remembers_when_it_was_retried(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        m = (await store.accept("s", "q", HOOK, "rt")).message
+        await store.add_reply(m, 0, "r", "reply", push=True)
+        await store.mark_delivery("rt:0", DEAD, 3, error="HTTP 503")
+        due = await store.due_deliveries("hooks", time.time(), 10)
+        assert due == []
+        before = time.time()
+        (back,) = await store.retry_dead_letters(None, ["hooks"])
+        assert back.retried_at is not None and back.retried_at >= before - 1
+        assert back.created_at <= back.retried_at and back.age_from == back.retried_at
+        (due_now,) = await store.due_deliveries("hooks", time.time(), 10)
+        assert due_now.retried_at == back.retried_at
+        await store.close()
+
+    backend.run(body)

@@ -209,7 +209,7 @@ class TelegramDelivery:
             return
         self.metrics.delivery_failures.labels(self.name).inc()
         if outcome.state == PENDING:
-            age = time.time() - stored.created_at
+            age = time.time() - stored.age_from
             if not outcome.flood and attempts >= self.cfg.max_attempts:
                 outcome = Outcome(DEAD, f"{outcome.error}: gave up after {attempts} attempts")
             elif age >= self.cfg.max_age:
