@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import msgspec
 
+from corral.protocol.spawn import SandboxLevel
+
 
 class SessionInfo(msgspec.Struct, kw_only=True):
     session: str
@@ -105,6 +107,7 @@ class Status(msgspec.Struct, kw_only=True):
     loop_lag_max: float  # seconds, the largest in the last minute
     kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
     pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
+    sandbox: SandboxLevel | None = None  # as the zygote found it; None before it is ready
 
 
 class KillResult(msgspec.Struct):

@@ -25,7 +25,7 @@ from corral.protocol.types import (
     SessionState,
     check_session_key,
 )
-from corral.supervisor import cgroups
+from corral.supervisor import cgroups, sandbox
 from corral.supervisor.channels.telegram_wiring import TelegramWiring
 from corral.supervisor.config import Config
 from corral.supervisor.crashloop import CrashLoops
@@ -81,6 +81,7 @@ class Supervisor:
             max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
         )
         self.spawner = Spawner(worker_settings(config, self.max_frame))
+        self.metrics.registry.register(sandbox.LevelCollector(lambda: self.spawner.sandbox))
         self.procs = ProcThread()
         self.tasks = Tasks()
         self.services = Services(on_fatal=self.give_up)
@@ -405,4 +406,5 @@ def worker_settings(config: Config, max_frame: int) -> spawn.WorkerSettings:
         state_dir=str(config.state_path),
         max_frame=max_frame,
         cpu_time_per_turn=float(config.limits.cpu_time_per_turn),
+        sandbox=sandbox.worker_sandbox(config),
     )

@@ -175,6 +175,7 @@ def status(sup: Supervisor) -> Status:
         loop_lag_max=sup.lag.lag_max,
         kill_grace=float(sup.config.supervisor.kill_grace),
         pollers=sup.telegram.status() if sup.telegram is not None else [],
+        sandbox=sup.spawner.sandbox,
     )
 
 
