@@ -46,3 +46,91 @@ def chatty_thread(turn, ctx):  # type: ignore[no-untyped-def]
 
     threading.Thread(target=chatter, daemon=True).start()
     ctx.reply("started")
+
+
+def hostile(turn, ctx):  # type: ignore[no-untyped-def]
+    """An agent that attacks what is not its own; one reply line per `;`-separated command:
+    "ok ..." if it worked, "denied <ErrorType>" if it failed with a permission error,
+    "failed <ErrorType>: ..." for any other error.
+
+    read PATH · list PATH · write PATH · signal PID SIG · pidfd-signal PID SIG ·
+    environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
+    unix socket) · own (write, read and list its state_dir and $TMPDIR, read history) ·
+    cli ARGS... (runs `corral ARGS` from inside)
+    """
+    import signal as signals
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    def attempt(command: str) -> str:
+        verb, _, arg = command.strip().partition(" ")
+        try:
+            if verb == "read":
+                with open(arg, "rb") as f:
+                    return f"ok read {len(f.read())} bytes"
+            if verb == "list":
+                return f"ok {len(os.listdir(arg))} entries"
+            if verb == "write":
+                with open(arg, "a") as f:
+                    f.write("pwned\n")
+                return "ok wrote"
+            if verb == "signal":
+                pid, sig = arg.split()
+                os.kill(int(pid), getattr(signals, sig))
+                return "ok signalled"
+            if verb == "pidfd-signal":
+                pid, sig = arg.split()
+                fd = os.pidfd_open(int(pid))
+                try:
+                    signals.pidfd_send_signal(fd, getattr(signals, sig))
+                finally:
+                    os.close(fd)
+                return "ok signalled"
+            if verb == "environ":
+                with open(f"/proc/{arg}/environ", "rb") as f:
+                    return f"ok read {len(f.read())} bytes"
+            if verb == "control":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(arg)
+                    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n")
+                    answer = b""
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                status = answer.split(b"\r\n", 1)[0].decode()
+                if " 403 " in status:
+                    raise PermissionError(status)
+                return f"ok {status}"
+            if verb == "abstract":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect("\0" + arg)
+                return "ok connected"
+            if verb == "own":
+                mine = ctx.state_dir / "mine.txt"
+                mine.write_text(turn.text)
+                tmp = tempfile.mkstemp()[1]
+                with open(tmp, "w") as f:
+                    f.write("scratch")
+                with open(tmp) as f:
+                    assert f.read() == "scratch"
+                seen = len(ctx.history())
+                return f"ok {mine.read_text() == turn.text} {tmp} history {seen}"
+            if verb == "cli":
+                done = subprocess.run(
+                    [sys.executable, "-m", "corral.cli.main", *arg.split()],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                if done.returncode != 0:
+                    return f"denied cli exit {done.returncode}: {done.stderr.strip()[-200:]}"
+                return f"ok {done.stdout.strip()[:200]}"
+            return f"unknown {verb}"
+        except PermissionError as e:
+            return f"denied {type(e).__name__}: {e}"
+        except Exception as e:
+            return f"failed {type(e).__name__}: {e}"
+
+    ctx.reply("\n".join(attempt(c) for c in turn.text.split(";")))

@@ -20,8 +20,10 @@ ptrace access, which Landlock denies outside the worker's own tree.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
+import re
 import site
 import sys
 import sysconfig
@@ -199,6 +201,9 @@ def enter(plan: Plan, own: list[Path]) -> None:
 
     Call in the worker, single-threaded, after everything it needs by path is open.
     """
+    if not plan.settings.enabled:
+        return
+    drop_capabilities()
     if plan.abi < 1:
         return
     tmp = plan.tmp_dir(os.getpid())
@@ -224,6 +229,55 @@ def enter(plan: Plan, own: list[Path]) -> None:
         ruleset.close()
         raise
     ruleset.restrict()
+
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_SECBIT_NOROOT = 1 << 0
+_SECBIT_NOROOT_LOCKED = 1 << 1
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_capabilities() -> None:
+    """A worker of a corral run as root gives up every capability, for good.
+
+    Landlock lets a process with CAP_SYS_PTRACE read other processes' /proc/PID/environ
+    and maps (the supervisor's secrets), and CAP_DAC_OVERRIDE and friends are no
+    business of an agent's. Without capabilities root is a plain uid to the kernel.
+    """
+    with open("/proc/self/status", "rb") as f:
+        status = f.read()
+    caps = {k: int(v, 16) for k, v in re.findall(rb"^(Cap\w+):\s*([0-9a-f]+)$", status, re.M)}
+    if not any(caps.get(k, 0) for k in (b"CapEff", b"CapPrm", b"CapInh", b"CapAmb", b"CapBnd")):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if caps.get(b"CapEff", 0):
+        # root's uid 0 regains nothing at execve either (no_new_privs holds that too)
+        libc.prctl(_PR_SET_SECUREBITS, _SECBIT_NOROOT | _SECBIT_NOROOT_LOCKED, 0, 0, 0)
+        bounding = caps.get(b"CapBnd", 0)
+        for cap in range(bounding.bit_length()):
+            if bounding >> cap & 1:
+                libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def forget(plan: Plan | None, pid: int) -> None:
