@@ -55,7 +55,8 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
 
     read PATH · list PATH · write PATH · signal PID SIG · pidfd-signal PID SIG ·
     environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
-    unix socket) · own (write, read and list its state_dir and $TMPDIR, read history) ·
+    unix socket) · child-control SOCKET (the same from a child process) ·
+    own (write, read and list its state_dir and $TMPDIR, read history) ·
     cli ARGS... (runs `corral ARGS` from inside)
     """
     import signal as signals
@@ -95,11 +96,28 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
                 with socket.socket(socket.AF_UNIX) as s:
                     s.settimeout(5)
                     s.connect(arg)
-                    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n")
+                    s.sendall(
+                        b"GET /v1/status HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n"
+                    )
                     answer = b""
                     while chunk := s.recv(65536):
                         answer += chunk
                 status = answer.split(b"\r\n", 1)[0].decode()
+                if " 403 " in status:
+                    raise PermissionError(status)
+                return f"ok {status}"
+            if verb == "child-control":  # the same, from a process the agent started
+                code = (
+                    "import socket,sys\n"
+                    "s=socket.socket(socket.AF_UNIX);s.settimeout(5);s.connect(sys.argv[1])\n"
+                    "s.sendall(b'GET /v1/status HTTP/1.1\\r\\nHost: c\\r\\n'\n"
+                    "  b'Connection: close\\r\\n\\r\\n')\n"
+                    "print(s.recv(200).split(b'\\r\\n')[0].decode())\n"
+                )
+                done = subprocess.run(
+                    [sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=30
+                )
+                status = done.stdout.strip() or done.stderr.strip()[-200:]
                 if " 403 " in status:
                     raise PermissionError(status)
                 return f"ok {status}"

@@ -113,6 +113,11 @@ def _python_paths() -> list[str]:
     for name in ("stdlib", "platstdlib", "purelib", "platlib"):
         if p := sysconfig.get_paths().get(name):
             paths.append(p)
+    # where imports come from, PYTHONPATH included (an agent imports its tools when it
+    # first needs them); not the working directory `python -m` puts first, which may
+    # be anything
+    cwd = os.getcwd()
+    paths += [p for p in sys.path if p and os.path.isabs(p) and _real(p) != _real(cwd)]
     paths += site.getsitepackages()
     if site.ENABLE_USER_SITE:
         paths.append(site.getusersitepackages())
@@ -179,14 +184,15 @@ def plan(settings: SandboxSettings) -> Plan:
     abi = landlock.abi() if settings.enabled else 0
     if abi < 1:
         return Plan(abi=0, settings=settings)
-    hidden = [_real(h) for h in settings.hidden if h]
+    tmp_root = tempfile.mkdtemp(prefix="corral-workers-")
+    # the private temporary directories of all workers are no one else's
+    hidden = [_real(h) for h in [*settings.hidden, tmp_root] if h]
     read_only = _carve(_collapse([*_system_paths(), *_python_paths(), *settings.read_only]), hidden)
     read_write = _carve(_collapse(settings.read_write), hidden)
     rules = [(p, READ_ONLY) for p in read_only]
     rules += [(p, DEVICE) for p in DEVICES_READ_WRITE]
     rules += [(p, landlock.FS_READ_FILE) for p in DEVICES_READ_ONLY]
     rules += [(p, READ_WRITE) for p in read_write]
-    tmp_root = tempfile.mkdtemp(prefix="corral-workers-")
     return Plan(
         abi=abi,
         settings=settings,
