@@ -165,9 +165,7 @@ def test_extra_read_only_and_read_write_paths_are_reachable(
     cache.mkdir()
     work.mkdir()
     (cache / "weights.bin").write_bytes(b"w" * 10)
-    c = corral(
-        {"sandbox": {"read_only": [str(cache)], "read_write": [str(work)]}}, agent=HOSTILE
-    )
+    c = corral({"sandbox": {"read_only": [str(cache)], "read_write": [str(work)]}}, agent=HOSTILE)
     lines = attack(
         c,
         "s",
@@ -220,11 +218,11 @@ def test_sandbox_config_keys_are_checked() -> None:
         '[sandbox]\nenabled = false\nread_only = ["/srv/models"]\nallow_connect_ports = [443]\n'
     )
     assert cfg.sandbox.enabled is False and cfg.sandbox.allow_connect_ports == [443]
-    with pytest.raises(ConfigError, match="sandbox.read_write"):
+    with pytest.raises(ConfigError, match=r"sandbox\.read_write"):
         parse_config('[sandbox]\nread_write = ["relative/dir"]\n')
-    with pytest.raises(ConfigError, match="sandbox.allow_connect_ports"):
+    with pytest.raises(ConfigError, match=r"sandbox\.allow_connect_ports"):
         parse_config("[sandbox]\nallow_connect_ports = [70000]\n")
-    with pytest.raises(ConfigError, match="sandbox.writable: unknown key"):
+    with pytest.raises(ConfigError, match=r"sandbox\.writable: unknown key"):
         parse_config("[sandbox]\nwritable = []\n")
 
 
