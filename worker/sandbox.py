@@ -116,8 +116,10 @@ def _python_paths() -> list[str]:
     # where imports come from, PYTHONPATH included (an agent imports its tools when it
     # first needs them); not the working directory `python -m` puts first, which may
     # be anything
-    cwd = os.getcwd()
-    paths += [p for p in sys.path if p and os.path.isabs(p) and _real(p) != _real(cwd)]
+    entries = list(sys.path)
+    if entries and entries[0] in ("", os.getcwd()):
+        entries = entries[1:]
+    paths += [p for p in entries if p and os.path.isabs(p)]
     paths += site.getsitepackages()
     if site.ENABLE_USER_SITE:
         paths.append(site.getusersitepackages())
