@@ -92,6 +92,11 @@ def features(abi: int, tcp: bool) -> tuple[list[str], list[str]]:
     return enforced, missing
 
 
+def for_file(fd: int, access: int) -> int:
+    """`access` as the kernel takes it for what `fd` is: a file gets only file rights."""
+    return access if stat.S_ISDIR(os.fstat(fd).st_mode) else access & FS_FILE
+
+
 class LandlockError(OSError):
     pass
 
@@ -116,6 +121,11 @@ class _NetPortAttr(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+
+
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once (prctl, capget, capset)."""
+    return _libc
 
 
 def _check(result: int, what: str) -> int:
@@ -169,22 +179,24 @@ class Ruleset:
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return False
         try:
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                access &= FS_FILE
-            rule = _PathBeneathAttr(access & self.fs, fd)
-            _check(
-                _syscall(
-                    _SYS_ADD_RULE,
-                    self.fd,
-                    ctypes.c_uint32(_RULE_PATH_BENEATH),
-                    ctypes.byref(rule),
-                    ctypes.c_uint32(0),
-                ),
-                f"landlock_add_rule {path}",
-            )
+            self.allow_fd(fd, for_file(fd, access))
         finally:
             os.close(fd)
         return True
+
+    def allow_fd(self, fd: int, access: int) -> None:
+        """Allow `access` beneath the directory (or on the file) open as `fd` (O_PATH)."""
+        rule = _PathBeneathAttr(access & self.fs, fd)
+        _check(
+            _syscall(
+                _SYS_ADD_RULE,
+                self.fd,
+                ctypes.c_uint32(_RULE_PATH_BENEATH),
+                ctypes.byref(rule),
+                ctypes.c_uint32(0),
+            ),
+            f"landlock_add_rule fd {fd}",
+        )
 
     def allow_connect(self, port: int) -> None:
         if not self.net:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import re
 import site
 import sys
 import sysconfig
@@ -83,6 +82,9 @@ class Plan:
     abi: int  # 0: no restriction is possible (or the sandbox is off)
     settings: SandboxSettings
     rules: list[tuple[str, int]] = field(default_factory=list)  # (path, access)
+    # the rules' paths opened (O_PATH) once in the zygote: (fd, access), so a worker
+    # spends no time on path lookups
+    opened: list[tuple[int, int]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # allowed TCP connect ports, if restricted
     tmp_root: str = ""  # private temporary directories: tmp_root/<worker pid>
 
@@ -195,10 +197,20 @@ def plan(settings: SandboxSettings) -> Plan:
     rules += [(p, DEVICE) for p in DEVICES_READ_WRITE]
     rules += [(p, landlock.FS_READ_FILE) for p in DEVICES_READ_ONLY]
     rules += [(p, READ_WRITE) for p in read_write]
+    opened = []
+    for path, access in rules:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone (or never there, like /lib32 on most systems)
+        opened.append((fd, landlock.for_file(fd, access)))
+    if os.geteuid() == 0:
+        limit_root()
     return Plan(
         abi=abi,
         settings=settings,
         rules=rules,
+        opened=opened,
         ports=sorted(set(settings.allow_connect_ports)),
         tmp_root=tmp_root,
     )
@@ -227,8 +239,8 @@ def enter(plan: Plan, own: list[Path]) -> None:
         tempfile.tempdir = tmp
     ruleset = landlock.Ruleset(plan.abi, restrict_tcp=bool(plan.ports))
     try:
-        for path, access in plan.rules:
-            ruleset.allow_path(path, access)
+        for fd, access in plan.opened:
+            ruleset.allow_fd(fd, access)
         for own_dir in [*map(str, own), *([tmp] if tmp else [])]:
             ruleset.allow_path(own_dir, READ_WRITE)
         for port in plan.ports:
@@ -237,6 +249,9 @@ def enter(plan: Plan, own: list[Path]) -> None:
         ruleset.close()
         raise
     ruleset.restrict()
+    for fd, _ in plan.opened:
+        os.close(fd)
+    plan.opened = []
 
 
 _PR_CAPBSET_DROP = 24
@@ -260,6 +275,21 @@ class _CapData(ctypes.Structure):
     ]
 
 
+def limit_root() -> None:
+    """In a zygote run as root: nothing it forks regains capabilities by execve.
+
+    The zygote keeps its own (it may need them for cgroups); its workers drop theirs
+    (drop_capabilities) and, with this, an agent's exec of any program as uid 0 gives
+    none back. Bounding set and securebits are inherited across fork: done once here.
+    """
+    libc = landlock.libc()
+    libc.prctl(_PR_SET_SECUREBITS, _SECBIT_NOROOT | _SECBIT_NOROOT_LOCKED, 0, 0, 0)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+
 def drop_capabilities() -> None:
     """A worker of a corral run as root gives up every capability, for good.
 
@@ -267,21 +297,14 @@ def drop_capabilities() -> None:
     and maps (the supervisor's secrets), and CAP_DAC_OVERRIDE and friends are no
     business of an agent's. Without capabilities root is a plain uid to the kernel.
     """
-    with open("/proc/self/status", "rb") as f:
-        status = f.read()
-    caps = {k: int(v, 16) for k, v in re.findall(rb"^(Cap\w+):\s*([0-9a-f]+)$", status, re.M)}
-    if not any(caps.get(k, 0) for k in (b"CapEff", b"CapPrm", b"CapInh", b"CapAmb", b"CapBnd")):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if caps.get(b"CapEff", 0):
-        # root's uid 0 regains nothing at execve either (no_new_privs holds that too)
-        libc.prctl(_PR_SET_SECUREBITS, _SECBIT_NOROOT | _SECBIT_NOROOT_LOCKED, 0, 0, 0)
-        bounding = caps.get(b"CapBnd", 0)
-        for cap in range(bounding.bit_length()):
-            if bounding >> cap & 1:
-                libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
-    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    libc = landlock.libc()
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) == 0 and not any(
+        d.effective | d.permitted | d.inheritable for d in data
+    ):
+        return  # the usual case: a service user has none
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     data = (_CapData * 2)()
     if libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()

@@ -1,0 +1,138 @@
+"""Sandbox: what Landlock costs per spawn and per turn.
+
+Per spawn, in one process that imported corral's worker and built the zygote's plan:
+fork + restrict (worker/sandbox.enter: capabilities, private tmp, ruleset, rules,
+landlock_restrict_self) + _exit + waitpid, against fork + _exit + waitpid alone, in the
+same run, alternating. The figure is the difference of the medians, and the median time
+of enter() itself as the child measures it. Goal: <= 1 ms.
+
+Per turn, end to end: two `corral serve` (sandbox on, sandbox off), the same echo
+agent; new-session and warm-turn p50 of POST ?wait on each. Goal: a warm turn costs
+the same (the kernel checks files as they are opened; an echo turn opens none).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from bench.client import client, percentile, post
+from bench.common import Bench
+from bench.servers import CorralServer
+
+SPAWN_SCRIPT = """
+import json, os, sys, tempfile, time
+import corral.worker.runtime
+from corral.protocol.spawn import SandboxSettings
+from corral.worker import landlock, sandbox
+from corral.worker.confine import no_new_privs
+
+n = int(sys.argv[1])
+root = tempfile.mkdtemp()
+t = time.perf_counter()
+plan = sandbox.plan(SandboxSettings(hidden=[root]))
+plan_s = time.perf_counter() - t
+bare, boxed, enter = [], [], []
+for i in range(n):
+    for restrict in (False, True):
+        r, w = os.pipe()
+        t = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            if restrict:
+                no_new_privs()  # the worker has it from confine() already
+                own = os.path.join(root, f"s{i}")
+                os.mkdir(own)
+                t0 = time.perf_counter()
+                sandbox.enter(plan, [own])
+                os.write(w, repr(time.perf_counter() - t0).encode())
+            os._exit(0)
+        os.close(w)
+        took = os.read(r, 64)
+        os.close(r)
+        os.waitpid(pid, 0)
+        (boxed if restrict else bare).append(time.perf_counter() - t)
+        if restrict:
+            enter.append(float(took))
+print(json.dumps({"abi": plan.abi, "rules": len(plan.rules), "plan_s": plan_s,
+                  "bare": bare, "boxed": boxed, "enter": enter}))
+"""
+
+
+def ms(seconds: float | None) -> float | None:
+    """Milliseconds to the microsecond: these figures are fractions of one."""
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def spawn_cost(n: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", SPAWN_SCRIPT, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    r = json.loads(out.stdout)
+    bare50, boxed50 = percentile(r["bare"], 50), percentile(r["boxed"], 50)
+    assert bare50 is not None and boxed50 is not None
+    return {
+        "abi": r["abi"],
+        "rules": r["rules"],
+        "plan_once_ms": ms(r["plan_s"]),
+        "fork_bare_p50_ms": ms(bare50),
+        "fork_sandboxed_p50_ms": ms(boxed50),
+        "extra_p50_ms": ms(boxed50 - bare50),
+        "enter_p50_ms": ms(percentile(r["enter"], 50)),
+        "enter_p99_ms": ms(percentile(r["enter"], 99)),
+        "goal_per_spawn_ms": 1,
+    }
+
+
+async def turn_cost(bench: Bench, n: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for enabled in (False, True):
+        name = "sandbox-on" if enabled else "sandbox-off"
+        server = CorralServer(
+            bench.tmp,
+            name,
+            config={
+                "supervisor": {"idle_timeout": "1h", "max_workers": n + 20},
+                "sandbox": {"enabled": enabled},
+            },
+        )
+        new: list[float] = []
+        warm: list[float] = []
+        try:
+            await server.start()
+            async with client() as http:
+                for i in range(5):  # warm-up: connections and code paths, not counted
+                    await post(http, server.base, f"w{i}", "hi")
+                for i in range(n):
+                    a = await post(http, server.base, f"s{i}", "first")
+                    b = await post(http, server.base, f"s{i}", "second")
+                    c = await post(http, server.base, f"s{i}", "third")
+                    if not (a.done and b.done and c.done):
+                        raise RuntimeError(f"sandbox: bad reply {a.body} / {b.body}")
+                    new.append(a.seconds)
+                    warm += [b.seconds, c.seconds]
+        finally:
+            await server.stop()
+        figures[name] = {
+            "new_p50_ms": ms(percentile(new, 50)),
+            "warm_p50_ms": ms(percentile(warm, 50)),
+            "warm_p99_ms": ms(percentile(warm, 99)),
+        }
+    on, off = figures["sandbox-on"], figures["sandbox-off"]
+    for key in ("new", "warm"):
+        a, b = on[f"{key}_p50_ms"], off[f"{key}_p50_ms"]
+        figures[f"{key}_extra_p50_ms"] = None if a is None or b is None else round(a - b, 3)
+    return figures
+
+
+async def run(bench: Bench) -> dict[str, Any]:
+    n = 30 if bench.plan.quick else 200
+    bench.say(f"sandbox: {n} forks with and without the restriction; turns with it on and off")
+    return {"per_spawn": spawn_cost(n), "per_turn": await turn_cost(bench, max(10, n // 4))}
