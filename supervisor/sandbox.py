@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from corral.protocol.spawn import SandboxLevel, SandboxSettings
-from corral.supervisor.config import Config, find_config_path
+from corral.supervisor.config import Config, find_config_path, split_listen
 
 log = logging.getLogger("corral.sandbox")
 
@@ -65,6 +65,9 @@ def worker_sandbox(config: Config) -> SandboxSettings:
         hidden += [d for d in os.environ.get(var, "").split(":") if d]
     hidden_env = [*HIDDEN_ENV, *(bot.token_env for bot in config.channels.telegram.values())]
     sb = config.sandbox
+    if sb.enabled:
+        for door in open_doors(config):
+            log.warning("sandbox: %s", door)
     return SandboxSettings(
         enabled=sb.enabled,
         read_only=[os.path.expanduser(p) for p in sb.read_only],
@@ -73,6 +76,30 @@ def worker_sandbox(config: Config) -> SandboxSettings:
         hidden=hidden,
         hidden_env=sorted(set(hidden_env)) if sb.enabled else [],
     )
+
+
+def open_doors(config: Config) -> list[str]:
+    """What a sandboxed agent can still reach with this config, to be said at start.
+
+    Landlock (up to ABI 7) does not police TCP by address or connect() to a pathname
+    socket; the channels that trust "this machine" trust the agents too.
+    """
+    doors = []
+    _, port = split_listen(config.channels.http.listen, "channels.http.listen")
+    ports = config.sandbox.allow_connect_ports
+    if not config.channels.http.token and (not ports or port in ports):
+        doors.append(
+            f"the HTTP channel on {config.channels.http.listen} has no token: agents can "
+            "reach it like any local process (post as and read replies of any session); "
+            "set channels.http.token, or [sandbox] allow_connect_ports without its port"
+        )
+    if config.store.url:
+        doors.append(
+            "with a PostgreSQL store, agents run as corral's OS user: a server that trusts "
+            "that user (peer or trust authentication) lets them in; use password or "
+            "certificate authentication for corral's role"
+        )
+    return doors
 
 
 def zygote_environ(settings: SandboxSettings) -> dict[str, str]:
