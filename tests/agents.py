@@ -57,7 +57,7 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
     environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
     unix socket) · child-control SOCKET (the same from a child process) ·
     own (write, read and list its state_dir and $TMPDIR, read history) ·
-    cli ARGS... (runs `corral ARGS` from inside)
+    tcp PORT (connect to 127.0.0.1:PORT) · cli ARGS... (runs `corral ARGS` from inside)
     """
     import signal as signals
     import socket
@@ -121,6 +121,9 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
                 if " 403 " in status:
                     raise PermissionError(status)
                 return f"ok {status}"
+            if verb == "tcp":  # tcp PORT: connect to 127.0.0.1:PORT
+                with socket.create_connection(("127.0.0.1", int(arg)), timeout=5):
+                    return "ok connected"
             if verb == "abstract":
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect("\0" + arg)

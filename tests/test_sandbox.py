@@ -213,6 +213,27 @@ def test_the_chaos_agent_runs_unchanged_inside_and_leaves_no_temporary_files(
     assert after - before == set()
 
 
+@pytest.mark.skipif(ABI < 4, reason="TCP rules need Landlock ABI 4")
+def test_allow_connect_ports_limits_tcp_and_the_http_channel_port_can_be_left_out(
+    corral: Callable[..., Corral],
+) -> None:
+    with socket.socket() as allowed, socket.socket() as other:
+        for s in (allowed, other):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        a, b = allowed.getsockname()[1], other.getsockname()[1]
+        c = corral({"sandbox": {"allow_connect_ports": [a]}}, agent=HOSTILE)
+        lines = attack(c, "s", f"tcp {a}", f"tcp {b}", f"tcp {c.port}")
+    assert lines[0] == "ok connected"
+    assert all(line.startswith("denied PermissionError") for line in lines[1:]), lines
+    assert "has no token" not in c.log()  # the channel is out of the agents' reach
+
+
+def test_an_http_channel_without_a_token_is_named_at_start(corral: Callable[..., Corral]) -> None:
+    c = corral()
+    assert "sandbox: the HTTP channel on 127.0.0.1:" in c.log()
+
+
 def test_sandbox_config_keys_are_checked() -> None:
     cfg = parse_config(
         '[sandbox]\nenabled = false\nread_only = ["/srv/models"]\nallow_connect_ports = [443]\n'
