@@ -285,3 +285,53 @@ def test_the_sandbox_cost_is_small_enough_to_spawn_many(corral: Callable[..., Co
     for i in range(20):
         assert c.texts(f"s{i}", "hi") == ["hi"]
     wait_for(lambda: len(c.ls()) == 20)
+
+
+OLDER_ABI_SCRIPT = """
+import dataclasses, os, sys
+import corral.worker.runtime
+from corral.protocol.spawn import SandboxSettings
+from corral.worker import sandbox
+from corral.worker.confine import no_new_privs
+
+abi, secret, own = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+plan = dataclasses.replace(sandbox.plan(SandboxSettings(hidden=[os.path.dirname(secret)])), abi=abi)
+pid = os.fork()
+if pid == 0:
+    no_new_privs()
+    sandbox.enter(plan, [own])
+    out = []
+    for path in (secret, sys.executable):
+        try:
+            open(path, "rb").close()
+            out.append("read")
+        except PermissionError:
+            out.append("denied")
+    with open(os.path.join(own, "f"), "w") as f:
+        f.write("x")
+    out.append("own")
+    print(" ".join(out), plan.level().enforced)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@needs_landlock
+@pytest.mark.parametrize("abi", range(1, ABI + 1))
+def test_every_landlock_abi_from_1_restricts_files(abi: int, tmp_path: Path) -> None:
+    (tmp_path / "corral").mkdir()
+    secret = tmp_path / "corral" / "corral.db"
+    secret.write_text("secret")
+    own = tmp_path / "own"
+    own.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", OLDER_ABI_SCRIPT, str(abi), str(secret), str(own)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    words, _, enforced = done.stdout.partition(" [")
+    assert words == "denied read own", done.stdout
+    assert ("'signals'" in enforced) == (abi >= 6)
+    assert (own / "f").read_text() == "x"

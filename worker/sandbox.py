@@ -252,6 +252,9 @@ def enter(plan: Plan, own: list[Path]) -> None:
     for fd, _ in plan.opened:
         os.close(fd)
     plan.opened = []
+    if own:
+        # the supervisor's working directory is closed to it now; its own is not
+        os.chdir(own[0])
 
 
 _PR_CAPBSET_DROP = 24
