@@ -156,12 +156,12 @@ class ControlServer:
         if sock is None:
             return True
         try:
-            pid, pidfd = sandbox.peer(sock)
+            pid, uid, pidfd = sandbox.peer(sock)
         except OSError:
             return True
         try:
             async with asyncio.timeout(PEER_CHECK_TIMEOUT):
-                return await self.sup.procs.run(lambda: sandbox.started_by_us(pid, pidfd))
+                return await self.sup.procs.run(lambda: sandbox.started_by_us(pid, uid, pidfd))
         except TimeoutError:
             return True
         finally:

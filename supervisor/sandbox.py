@@ -10,6 +10,8 @@ agent forks, strays re-parented to a subreaper), is refused.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import select
@@ -136,15 +138,16 @@ class LevelLog:
         log.log(logging.WARNING if weak else logging.INFO, "sandbox: %s", describe(level))
 
 
-def peer(sock: socket.socket) -> tuple[int, int]:
-    """(pid, pidfd or -1) of the process that connected `sock` (SO_PEERCRED/SO_PEERPIDFD)."""
+def peer(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, pidfd or -1) of the process that connected `sock` (SO_PEERCRED,
+    SO_PEERPIDFD)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _, _ = struct.unpack("3i", creds)
+    pid, uid, _ = struct.unpack("3i", creds)
     try:
         pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))[0]
     except OSError:  # a kernel before 6.5
         pidfd = -1
-    return pid, pidfd
+    return pid, uid, pidfd
 
 
 def _parent(pid: int) -> int:
@@ -153,27 +156,109 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[1])  # the comm may hold ")" and spaces
 
 
-def started_by_us(pid: int, pidfd: int = -1, me: int | None = None) -> bool:
-    """Whether `pid` descends from this process (`me`): a zygote, a worker, or anything
-    they started. Blocking /proc reads: run it on the proc thread.
+def started_by_us(pid: int, uid: int, pidfd: int = -1, me: int | None = None) -> bool:
+    """Whether `pid` (of `uid`; `pidfd` names it, if the kernel gave one) descends from
+    this process (`me`): a zygote, a worker, or anything they started. Blocking calls:
+    run it on the proc thread.
 
-    Fails closed: a peer gone before it could be checked (its PID may be reused), or an
-    ancestry deeper than MAX_ANCESTRY, counts as ours.
+    Everything we start keeps our uid (no_new_privs, no capabilities), and so does every
+    process between us and it: a peer, or an ancestor, of another uid is not ours.
+    Fails closed: a peer gone before it could be checked, or an ancestry deeper than
+    MAX_ANCESTRY, counts as ours.
     """
     me = os.getpid() if me is None else me
     if pid == me or pid == 0:  # ourselves; a peer in a PID namespace we cannot see
         return False
+    if uid != os.geteuid():
+        return False
+    if pidfd >= 0:
+        try:
+            return _walk_pidfds(pidfd, uid, me)
+        except _NoPidfdInfo:
+            pass
+    return _walk_proc(pid, me, pidfd)
+
+
+class _NoPidfdInfo(Exception):
+    pass
+
+
+_PIDFD_GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, struct pidfd_info), Linux 6.13
+_PIDFD_INFO_PID = 1 << 0
+_PIDFD_INFO_CREDS = 1 << 1
+
+
+def _pidfd_info(pidfd: int) -> tuple[int, int]:
+    """(parent pid, euid) of the process `pidfd` names; ProcessLookupError once it exited."""
+    buf = bytearray(64)
+    struct.pack_into("Q", buf, 0, _PIDFD_INFO_PID | _PIDFD_INFO_CREDS)
     try:
-        p = pid
-        for _ in range(MAX_ANCESTRY):  # ends at us, at an init, or at the bound
-            p = _parent(p)
-            if p == me:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            raise _NoPidfdInfo from None
+        raise
+    _, _, _, _, ppid, _, _, euid = struct.unpack_from("QQIIIIII", buf)
+    return ppid, euid
+
+
+def _walk_pidfds(pidfd: int, uid: int, me: int) -> bool:
+    """The ancestry by pidfds (PIDFD_GET_INFO): what /proc hides (ProtectProc=invisible
+    hides a same-uid process that made itself non-dumpable) cannot break the chain."""
+    opened: list[int] = []
+    try:
+        current = pidfd
+        for _ in range(MAX_ANCESTRY):  # ends at us, at an init, at someone else's, or the bound
+            ppid, euid = _pidfd_info(current)
+            if euid != uid:
+                return False
+            if ppid == me:
                 return True
-            if p <= 1:
-                break
-        else:
+            if ppid <= 1:
+                return False
+            parent = os.pidfd_open(ppid)
+            opened.append(parent)
+            # the parent may have exited (its PID reused) before we opened it: then
+            # `current` was re-parented, and is looked at again
+            if _pidfd_info(current)[0] == ppid:
+                current = parent
+        return True
+    except OSError:  # one of them exited while we looked
+        return True
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _walk_proc(pid: int, me: int, pidfd: int) -> bool:
+    """The ancestry through /proc, for kernels before 6.13. An ancestor we cannot see
+    (another user's, under ProtectProc=invisible, like `sudo` in `sudo -u corral corral
+    status`) ends the walk: not ours. A parent that exited while we looked leaves its
+    child re-parented, which we see and follow."""
+    chain = [pid]
+    try:
+        parent = _parent(pid)
+    except OSError:
+        return True  # the peer itself is gone
+    for _ in range(MAX_ANCESTRY):  # ends at us, at an init, at someone else's, or the bound
+        if parent == me:
             return True
-    except (OSError, ValueError, IndexError):
+        if parent <= 1:
+            break
+        try:
+            grandparent = _parent(parent)
+        except OSError:
+            try:
+                again = _parent(chain[-1])
+            except OSError:
+                return True  # the chain is moving under us
+            if again == parent:
+                break  # alive, and not ours to see
+            parent = again  # it exited and its child was re-parented: follow
+            continue
+        chain.append(parent)
+        parent = grandparent
+    else:
         return True
     if pidfd >= 0:
         readable, _, _ = select.select([pidfd], [], [], 0)

@@ -57,7 +57,8 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
     environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
     unix socket) · child-control SOCKET (the same from a child process) ·
     own (write, read and list its state_dir and $TMPDIR, read history) ·
-    tcp PORT (connect to 127.0.0.1:PORT) · cli ARGS... (runs `corral ARGS` from inside)
+    undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) ·
+    cli ARGS... (runs `corral ARGS` from inside)
     """
     import signal as signals
     import socket
@@ -121,6 +122,11 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
                 if " 403 " in status:
                     raise PermissionError(status)
                 return f"ok {status}"
+            if verb == "undumpable":  # hide from a supervisor's /proc (ProtectProc=invisible)
+                import ctypes
+
+                ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+                return "ok undumpable"
             if verb == "tcp":  # tcp PORT: connect to 127.0.0.1:PORT
                 with socket.create_connection(("127.0.0.1", int(arg)), timeout=5):
                     return "ok connected"

@@ -88,6 +88,9 @@ def test_a_hostile_agent_cannot_use_the_control_socket(corral: Callable[..., Cor
     sock = c.state / "control.sock"
     lines = attack(c, "mallory", f"control {sock}", f"child-control {sock}")
     assert all(line.startswith("denied PermissionError: HTTP/1.1 403") for line in lines), lines
+    # a worker that makes itself invisible in /proc does not break the chain
+    lines = attack(c, "mallory", "undumpable", f"child-control {sock}")
+    assert lines[1].startswith("denied PermissionError: HTTP/1.1 403"), lines
     assert status(c)["sessions"] == 1  # the operator's CLI is served as before
 
 
@@ -335,3 +338,41 @@ def test_every_landlock_abi_from_1_restricts_files(abi: int, tmp_path: Path) -> 
     assert words == "denied read own", done.stdout
     assert ("'signals'" in enforced) == (abi >= 6)
     assert (own / "f").read_text() == "x"
+
+
+def test_the_peer_check_knows_our_descendants_and_nobody_else(tmp_path: Path) -> None:
+    from corral.supervisor.sandbox import started_by_us
+
+    uid = os.geteuid()
+    # a child that makes itself non-dumpable forks the grandchild that is checked
+    middle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ctypes,subprocess,sys,time\n"
+            "ctypes.CDLL(None).prctl(4,0,0,0,0)\n"
+            "p=subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)'])\n"
+            "print(p.pid, flush=True); time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert middle.stdout is not None
+        grandchild = int(middle.stdout.readline())
+        pidfd = os.pidfd_open(grandchild)
+        try:
+            assert started_by_us(grandchild, uid, pidfd)
+            assert started_by_us(grandchild, uid)  # the /proc walk
+            assert not started_by_us(grandchild, uid + 1, pidfd)  # another uid: not ours
+        finally:
+            os.close(pidfd)
+        assert started_by_us(middle.pid, uid)
+        assert not started_by_us(os.getppid(), uid)  # our parent is not our descendant
+        assert not started_by_us(os.getpid(), uid)
+    finally:
+        middle.kill()
+        middle.wait()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert started_by_us(gone.pid, uid)  # exited before it could be checked: refused
