@@ -192,7 +192,7 @@ def sandbox_line(level: SandboxLevel | None) -> str:
     if not level.enabled:
         return "off ([sandbox] enabled = false)"
     if level.abi == 0:
-        return "NONE: this kernel has no Landlock; workers are not confined"
+        return f"NONE ({level.why or 'no Landlock here'}): workers are not confined"
     line = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
     return line + (f" (not enforced: {', '.join(level.missing)})" if level.missing else "")
 

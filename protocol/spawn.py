@@ -35,6 +35,7 @@ class SandboxLevel(msgspec.Struct, frozen=True, kw_only=True):
     abi: int  # the Landlock ABI the workers restrict themselves with; 0: none
     enforced: list[str]  # "filesystem", "signals", ... (worker/landlock.py features())
     missing: list[str]  # what this kernel (or the config) leaves unenforced
+    why: str = ""  # with abi 0: why there is no Landlock here
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -115,8 +115,8 @@ def describe(level: SandboxLevel) -> str:
         return "off ([sandbox] enabled = false): workers can read and write whatever corral can"
     if level.abi == 0:
         return (
-            "none: this kernel has no Landlock (or it is not enabled at boot): workers can "
-            "read and write whatever corral can; the control socket still refuses them"
+            f"none: {level.why or 'no Landlock here'}: workers can read and write whatever "
+            "corral can; the control socket still refuses them"
         )
     text = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
     if level.missing:

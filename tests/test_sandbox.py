@@ -376,3 +376,27 @@ def test_the_peer_check_knows_our_descendants_and_nobody_else(tmp_path: Path) ->
     gone = subprocess.Popen(["true"])
     gone.wait()
     assert started_by_us(gone.pid, uid)  # exited before it could be checked: refused
+
+
+def test_without_landlock_the_level_says_none_and_why_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from corral.cli.render import sandbox_line
+    from corral.protocol.spawn import SandboxSettings
+    from corral.supervisor.sandbox import LevelLog
+    from corral.worker.sandbox import Plan
+
+    landlock.unavailable, before = "the kernel has no Landlock", landlock.unavailable
+    try:
+        level = Plan(abi=0, settings=SandboxSettings()).level()
+    finally:
+        landlock.unavailable = before
+    assert level.enabled and level.abi == 0 and level.enforced == []
+    assert {"filesystem", "signals", "abstract_unix_sockets"} <= set(level.missing)
+    assert sandbox_line(level) == "NONE (the kernel has no Landlock): workers are not confined"
+    log = LevelLog()
+    with caplog.at_level("INFO", logger="corral.sandbox"):
+        log.report(level)
+        log.report(level)  # a new zygote on the same kernel: not said again
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "none: the kernel has no Landlock" in record.message

@@ -135,9 +135,20 @@ def _check(result: int, what: str) -> int:
     return result
 
 
+_UNAVAILABLE = {
+    errno.ENOSYS: "the kernel has no Landlock",
+    errno.EOPNOTSUPP: "Landlock is built into the kernel but not enabled at boot (lsm=)",
+    errno.EPERM: "a seccomp filter refuses the landlock calls (systemd SystemCallFilter=, "
+    "a container's filter)",
+}
+unavailable = ""  # why abi() found none, for the log and `corral status`
+
+
 def abi() -> int:
     """The running kernel's Landlock ABI version; 0 where it has none (or it is off)."""
+    global unavailable
     if platform.system() != "Linux":
+        unavailable = "not Linux"
         return 0
     version = _syscall(
         _SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION)
@@ -146,7 +157,8 @@ def abi() -> int:
         # ENOSYS: a kernel without it (or a seccomp filter that refuses it);
         # EOPNOTSUPP: built in, but not enabled at boot (lsm=)
         err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        if err in _UNAVAILABLE:
+            unavailable = _UNAVAILABLE[err]
             return 0
         raise LandlockError(err, f"landlock_create_ruleset: {os.strerror(err)}")
     return int(version)

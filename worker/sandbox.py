@@ -95,7 +95,8 @@ class Plan:
             _, missing = landlock.features(0, tcp)
             return SandboxLevel(enabled=False, abi=0, enforced=[], missing=missing)
         enforced, missing = landlock.features(self.abi, tcp)
-        return SandboxLevel(enabled=True, abi=self.abi, enforced=enforced, missing=missing)
+        why = landlock.unavailable if self.abi == 0 else ""
+        return SandboxLevel(enabled=True, abi=self.abi, enforced=enforced, missing=missing, why=why)
 
     def tmp_dir(self, pid: int) -> str:
         return os.path.join(self.tmp_root, str(pid)) if self.tmp_root else ""
