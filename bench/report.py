@@ -289,7 +289,8 @@ def sandbox(r: dict[str, Any]) -> list[str]:
         f"fork {_n(s['fork_bare_p50_ms'], ' ms', 3)}: extra {_n(s['extra_p50_ms'], ' ms', 3)}; "
         f"enter() p50/p99 {_n(s['enter_p50_ms'], ' ms', 3)} / {_n(s['enter_p99_ms'], ' ms', 3)}",
         f"   per turn (end to end, on vs off): new session p50 {_n(on['new_p50_ms'], ' ms')} "
-        f"vs {_n(off['new_p50_ms'], ' ms')}; warm p50 {_n(on['warm_p50_ms'], ' ms')} "
+        f"vs {_n(off['new_p50_ms'], ' ms')}; second {_n(on['second_p50_ms'], ' ms')} "
+        f"vs {_n(off['second_p50_ms'], ' ms')}; warm p50 {_n(on['warm_p50_ms'], ' ms')} "
         f"vs {_n(off['warm_p50_ms'], ' ms')} (extra {_n(t['warm_extra_p50_ms'], ' ms', 3)})",
         f"   goal: enter() <= 1 ms per spawn: {_verdict(extra is not None and extra <= 1)}",
     ]

@@ -7,9 +7,11 @@ in the same run, alternating. The figures: the median time of enter() as the chi
 measures it (the cost on a spawn's path; goal <= 1 ms), and the difference of the
 medians of the whole fork-to-reap (which adds the kernel freeing the domain at exit).
 
-Per turn, end to end: two `corral serve` (sandbox on, sandbox off), the same echo
-agent; new-session and warm-turn p50 of POST ?wait on each. Goal: a warm turn costs
-the same (the kernel checks files as they are opened; an echo turn opens none).
+Per turn, end to end: two `corral serve` (sandbox on, sandbox off) up at once, the same
+echo agent, five messages per new session, the servers taking turns; p50 of POST ?wait
+for the first message (a spawn), the second, and the third to fifth (warm). Goal: a
+warm turn costs the same (the kernel checks files as they are opened; an echo turn
+opens none).
 """
 
 from __future__ import annotations
@@ -94,41 +96,52 @@ def spawn_cost(n: int) -> dict[str, Any]:
 
 
 async def turn_cost(bench: Bench, n: int) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
-    for enabled in (False, True):
-        name = "sandbox-on" if enabled else "sandbox-off"
-        server = CorralServer(
+    """Both servers up at once, requests alternating between them, so the machine's
+    load falls on both alike."""
+    servers = {
+        name: CorralServer(
             bench.tmp,
             name,
             config={
                 "supervisor": {"idle_timeout": "1h", "max_workers": n + 20},
-                "sandbox": {"enabled": enabled},
+                "sandbox": {"enabled": name == "sandbox-on"},
             },
         )
-        new: list[float] = []
-        warm: list[float] = []
-        try:
+        for name in ("sandbox-off", "sandbox-on")
+    }
+    new: dict[str, list[float]] = {name: [] for name in servers}
+    second: dict[str, list[float]] = {name: [] for name in servers}
+    warm: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for server in servers.values():
             await server.start()
-            async with client() as http:
-                for i in range(5):  # warm-up: connections and code paths, not counted
+        async with client() as http:
+            for i in range(5):  # warm-up: connections and code paths, not counted
+                for server in servers.values():
                     await post(http, server.base, f"w{i}", "hi")
-                for i in range(n):
-                    a = await post(http, server.base, f"s{i}", "first")
-                    b = await post(http, server.base, f"s{i}", "second")
-                    c = await post(http, server.base, f"s{i}", "third")
-                    if not (a.done and b.done and c.done):
-                        raise RuntimeError(f"sandbox: bad reply {a.body} / {b.body}")
-                    new.append(a.seconds)
-                    warm += [b.seconds, c.seconds]
-        finally:
+            for i in range(n):
+                order = list(servers.items())
+                for name, server in order if i % 2 else order[::-1]:
+                    answers = [await post(http, server.base, f"s{i}", f"m{k}") for k in range(5)]
+                    if not all(a.done for a in answers):
+                        raise RuntimeError(f"sandbox: bad reply {[a.body for a in answers]}")
+                    new[name].append(answers[0].seconds)
+                    second[name].append(answers[1].seconds)
+                    warm[name] += [a.seconds for a in answers[2:]]
+    finally:
+        for server in servers.values():
             await server.stop()
-        figures[name] = {
-            "new_p50_ms": ms(percentile(new, 50)),
-            "warm_p50_ms": ms(percentile(warm, 50)),
-            "warm_p99_ms": ms(percentile(warm, 99)),
+    figures: dict[str, Any] = {
+        name: {
+            "new_p50_ms": ms(percentile(new[name], 50)),
+            "second_p50_ms": ms(percentile(second[name], 50)),
+            "warm_p50_ms": ms(percentile(warm[name], 50)),
+            "warm_p99_ms": ms(percentile(warm[name], 99)),
         }
+        for name in servers
+    }
     on, off = figures["sandbox-on"], figures["sandbox-off"]
-    for key in ("new", "warm"):
+    for key in ("new", "second", "warm"):
         a, b = on[f"{key}_p50_ms"], off[f"{key}_p50_ms"]
         figures[f"{key}_extra_p50_ms"] = None if a is None or b is None else round(a - b, 3)
     return figures
