@@ -35,7 +35,7 @@ from corral.worker.confine import no_new_privs
 n = int(sys.argv[1])
 root = tempfile.mkdtemp()
 t = time.perf_counter()
-plan = sandbox.plan(SandboxSettings(hidden=[root]))
+plan = sandbox.plan(SandboxSettings(hidden=[root]), os.path.join(root, "tmp"))
 plan_s = time.perf_counter() - t
 bare, boxed, enter = [], [], []
 for i in range(n):
@@ -61,6 +61,7 @@ for i in range(n):
         if restrict:
             enter.append(float(took))
             sandbox.forget(plan, pid)  # what the zygote does at reap, off the spawn path
+sandbox.remove_all(plan)
 print(json.dumps({"abi": plan.abi, "rules": len(plan.rules), "plan_s": plan_s,
                   "bare": bare, "boxed": boxed, "enter": enter}))
 """

@@ -77,7 +77,8 @@ def test_a_hostile_agent_cannot_touch_other_sessions_or_corrals_files(
     assert (state / "sessions" / "alice.jsonl").read_bytes().count(b"pwned") == 0
     # the attacker's own state_dir, temporary directory and transcript still work,
     # and so does every other session
-    assert attack(c, "mallory", "own")[0].startswith("ok True")
+    own = attack(c, "mallory", "own")[0]
+    assert own.startswith(f"ok True {state}/tmp/{worker_pid(c, 'mallory')}/"), own
     assert attack(c, "mallory", "own")[0].endswith("history 4")
     assert attack(c, "alice", "own")[0].endswith("history 2")
 
@@ -204,16 +205,15 @@ def test_an_extra_path_that_holds_corrals_state_is_carved_out(
 def test_the_chaos_agent_runs_unchanged_inside_and_leaves_no_temporary_files(
     corral: Callable[..., Corral],
 ) -> None:
-    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("corral-workers-*"))
     c = corral(agent="corral.worker.agents.chaos:agent")
     assert c.texts("a", "echo hi; orphan; balloon 20; echo done") == ["hi", "done"]
     (reply,) = c.texts("b", "crash")
     assert "crashed" in reply
     assert c.texts("b", "echo again") == ["again"]
     assert status(c)["sandbox"]["abi"] == ABI
+    assert (c.state / "tmp").is_dir()  # the workers' private temporary directories
     c.stop()
-    after = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("corral-workers-*"))
-    assert after - before == set()
+    assert not (c.state / "tmp").exists()
 
 
 @pytest.mark.skipif(ABI < 4, reason="TCP rules need Landlock ABI 4")
@@ -298,7 +298,9 @@ from corral.worker import sandbox
 from corral.worker.confine import no_new_privs
 
 abi, secret, own = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-plan = dataclasses.replace(sandbox.plan(SandboxSettings(hidden=[os.path.dirname(secret)])), abi=abi)
+hidden = os.path.dirname(secret)
+plan = sandbox.plan(SandboxSettings(hidden=[hidden]), os.path.join(hidden, "tmp"))
+plan = dataclasses.replace(plan, abi=abi)
 pid = os.fork()
 if pid == 0:
     no_new_privs()

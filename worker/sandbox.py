@@ -86,7 +86,7 @@ class Plan:
     # spends no time on path lookups
     opened: list[tuple[int, int]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # allowed TCP connect ports, if restricted
-    tmp_root: str = ""  # private temporary directories: tmp_root/<worker pid>
+    tmp_root: str = ""  # private temporary directories: tmp_root/<worker pid>; "": none
 
     def level(self) -> SandboxLevel:
         """What is in force, for `corral status`, the metric and the log line."""
@@ -184,12 +184,17 @@ def _collapse(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def plan(settings: SandboxSettings) -> Plan:
-    """The rules for every worker; call after the agent is imported (its modules count)."""
+def plan(settings: SandboxSettings, tmp_root: str) -> Plan:
+    """The rules for every worker; call after the agent is imported (its modules count).
+
+    `tmp_root` (in corral's state_dir, which workers cannot reach) holds the workers'
+    private temporary directories; what a killed zygote left there is removed first.
+    """
     abi = landlock.abi() if settings.enabled else 0
     if abi < 1:
         return Plan(abi=0, settings=settings)
-    tmp_root = tempfile.mkdtemp(prefix="corral-workers-")
+    _remove(tmp_root)
+    os.makedirs(tmp_root, mode=0o700)
     # the private temporary directories of all workers are no one else's
     hidden = [_real(h) for h in [*settings.hidden, tmp_root] if h]
     read_only = _carve(_collapse([*_system_paths(), *_python_paths(), *settings.read_only]), hidden)

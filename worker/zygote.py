@@ -76,7 +76,8 @@ class Zygote:
             self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {e}"))
             return
         try:
-            self.sandbox = sandbox.plan(settings.sandbox)  # after the agent: its modules count
+            # after the agent: its modules count
+            self.sandbox = sandbox.plan(settings.sandbox, os.path.join(settings.state_dir, "tmp"))
         except OSError as e:
             self.send(spawn.SpawnFailed(seq=0, error=f"sandbox: {e}"))
             return
