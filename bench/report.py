@@ -278,6 +278,24 @@ def durability(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def sandbox(r: dict[str, Any]) -> list[str]:
+    s, t = r["per_spawn"], r["per_turn"]
+    on, off = t["sandbox-on"], t["sandbox-off"]
+    extra = s["enter_p50_ms"]
+    return [
+        f"8. Sandbox: Landlock ABI {s['abi']}, {s['rules']} rules (plan built once in "
+        f"{_n(s['plan_once_ms'], ' ms', 2)})",
+        f"   per spawn: fork+restrict p50 {_n(s['fork_sandboxed_p50_ms'], ' ms', 3)} vs bare "
+        f"fork {_n(s['fork_bare_p50_ms'], ' ms', 3)}: extra {_n(s['extra_p50_ms'], ' ms', 3)}; "
+        f"enter() p50/p99 {_n(s['enter_p50_ms'], ' ms', 3)} / {_n(s['enter_p99_ms'], ' ms', 3)}",
+        f"   per turn (end to end, on vs off): new session p50 {_n(on['new_p50_ms'], ' ms')} "
+        f"vs {_n(off['new_p50_ms'], ' ms')}; second {_n(on['second_p50_ms'], ' ms')} "
+        f"vs {_n(off['second_p50_ms'], ' ms')}; warm p50 {_n(on['warm_p50_ms'], ' ms')} "
+        f"vs {_n(off['warm_p50_ms'], ' ms')} (extra {_n(t['warm_extra_p50_ms'], ' ms', 3)})",
+        f"   goal: enter() <= 1 ms per spawn: {_verdict(extra is not None and extra <= 1)}",
+    ]
+
+
 SECTIONS = {
     "isolation": isolation,
     "reaction": reaction,
@@ -286,6 +304,7 @@ SECTIONS = {
     "scale": scale,
     "stop": stop,
     "durability": durability,
+    "sandbox": sandbox,
 }
 
 

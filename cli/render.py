@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from corral.protocol.control import DeadLetterInfo, HistoryEntry, PollerHealth, SessionInfo, Status
+from corral.protocol.spawn import SandboxLevel
 
 
 def as_json(plain: Any) -> str:
@@ -179,10 +180,23 @@ def status_fields(st: Status) -> list[str]:
             "store": st.store,
             "loop lag": f"{st.loop_lag * 1000:.1f}ms "
             f"(max {st.loop_lag_max * 1000:.1f}ms in the last minute)",
+            "sandbox": sandbox_line(st.sandbox),
             **{f"telegram {p.bot}": poller_line(p) for p in st.pollers},
         },
         12,
     )
+
+
+def sandbox_line(level: SandboxLevel | None) -> str:
+    """The sandbox in force, in `corral status`."""
+    if level is None:
+        return "unknown (the zygote is not ready)"
+    if not level.enabled:
+        return "off ([sandbox] enabled = false)"
+    if level.abi == 0:
+        return f"NONE ({level.why or 'no Landlock here'}): workers are not confined"
+    line = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
+    return line + (f" (not enforced: {', '.join(level.missing)})" if level.missing else "")
 
 
 def poller_line(p: PollerHealth, now: float | None = None) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import msgspec
 
+from corral.protocol.spawn import SandboxLevel
+
 
 class SessionInfo(msgspec.Struct, kw_only=True):
     session: str
@@ -108,6 +110,7 @@ class Status(msgspec.Struct, kw_only=True):
     pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
     config: str = ""  # the config file serve read; "": none, the built-in defaults
     store: str = "ok"  # or why the store cannot write (a full disk), or is lost
+    sandbox: SandboxLevel | None = None  # as the zygote found it; None before it is ready
 
 
 class KillResult(msgspec.Struct):

@@ -13,6 +13,31 @@ import msgspec
 MAX_PACKET = 64 * 1024
 
 
+class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """`[sandbox]` as the zygote needs it (worker/sandbox.py)."""
+
+    enabled: bool = True
+    read_only: list[str] = msgspec.field(default_factory=list)
+    read_write: list[str] = msgspec.field(default_factory=list)
+    allow_connect_ports: list[int] = msgspec.field(default_factory=list)  # empty: every port
+    # corral's own files, never reachable from a worker: state_dir, the control
+    # socket's directory, the config file
+    hidden: list[str] = msgspec.field(default_factory=list)
+    # environment variables the zygote (and so every worker) starts without: secrets
+    # of corral's own (bot tokens, the store's password) and systemd's notify socket
+    hidden_env: list[str] = msgspec.field(default_factory=list)
+
+
+class SandboxLevel(msgspec.Struct, frozen=True, kw_only=True):
+    """The sandbox in force, as the zygote found it on this kernel."""
+
+    enabled: bool  # [sandbox] enabled
+    abi: int  # the Landlock ABI the workers restrict themselves with; 0: none
+    enforced: list[str]  # "filesystem", "signals", ... (worker/landlock.py features())
+    missing: list[str]  # what this kernel (or the config) leaves unenforced
+    why: str = ""  # with abi 0: why there is no Landlock here
+
+
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     """What every worker needs to know, sent once when the zygote starts."""
 
@@ -27,6 +52,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     memory_max: int = 0
     pids_max: int = 0
     cpu_max: str = ""
+    sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
 
 
 # supervisor -> zygote
@@ -39,6 +65,7 @@ class Spawn(msgspec.Struct, tag="spawn", frozen=True):
 # zygote -> supervisor
 class Ready(msgspec.Struct, tag="ready", frozen=True):
     pid: int
+    sandbox: SandboxLevel | None = None
 
 
 class Spawned(msgspec.Struct, tag="spawned", frozen=True):

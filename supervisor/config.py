@@ -113,6 +113,18 @@ class RetentionConfig(_Section):
     keep: Duration = Duration(7 * 86400)
 
 
+class SandboxConfig(_Section):
+    """Each worker's Landlock restriction (worker/sandbox.py), where the kernel has it."""
+
+    enabled: bool = True
+    read_only: list[str] = msgspec.field(default_factory=list)  # extra paths agents may read
+    read_write: list[str] = msgspec.field(default_factory=list)  # ... and write
+    # TCP ports agents may connect to (Landlock ABI >= 4); empty: every port
+    allow_connect_ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]] = msgspec.field(
+        default_factory=list
+    )
+
+
 class StoreConfig(_Section):
     # empty: SQLite in state_dir; "postgresql://user@host:5432/db": PostgreSQL (a cluster).
     # The password comes from libpq (PGPASSWORD, ~/.pgpass), so the URL needs none.
@@ -128,6 +140,7 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
 
     @property
     def state_path(self) -> Path:
@@ -243,8 +256,16 @@ def _validate_store(store: StoreConfig) -> None:
             ) from None
 
 
+def _validate_sandbox(sandbox: SandboxConfig) -> None:
+    for key in ("read_only", "read_write"):
+        for path in getattr(sandbox, key):
+            if not os.path.isabs(os.path.expanduser(path)):
+                raise ConfigError(f"sandbox.{key}: expected absolute paths, got {path!r}")
+
+
 def _validate(cfg: Config) -> None:
     _validate_store(cfg.store)
+    _validate_sandbox(cfg.sandbox)
     if not _ENTRYPOINT_RE.fullmatch(cfg.agent.entrypoint):
         raise ConfigError(
             f'agent.entrypoint: expected "package.module:callable", got {cfg.agent.entrypoint!r}'

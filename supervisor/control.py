@@ -8,6 +8,7 @@ one means another supervisor owns it, and this one refuses to start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from corral.protocol.control import DrainResult, ErrorBody, RetryRequest, RetryResult
 from corral.protocol.types import InvalidSessionKey, check_session_key
-from corral.supervisor import views
+from corral.supervisor import sandbox, views
 from corral.supervisor.supervisor import Supervisor, UnknownSession
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ T = TypeVar("T")
 HISTORY_LIMIT = 50  # messages `corral history` shows by default
 DEAD_LETTER_LIMIT = 1000
 LIMIT_MAX = 100_000
+PEER_CHECK_TIMEOUT = 2.0  # the proc thread walks the peer's ancestry in /proc
 
 
 class ControlSocketBusy(Exception):
@@ -115,7 +117,7 @@ class ControlServer:
         self.reloader: Reloader | None = None  # set by `serve`
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.refusals])
+        app = web.Application(middlewares=[self.no_workers, self.refusals])
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/sessions", self.list_sessions)
@@ -139,6 +141,37 @@ class ControlServer:
             return _error(e.status, str(e))
         except InvalidSessionKey as e:
             return _error(400, str(e))
+
+    @web.middleware
+    async def no_workers(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if await self.peer_is_a_worker(request):
+            return _error(403, "the control socket does not answer corral's workers or agents")
+        return await handler(request)
+
+    async def peer_is_a_worker(self, request: web.Request) -> bool:
+        """Whether the peer (SO_PEERCRED) is a worker, or anything a worker started.
+
+        Landlock cannot keep a worker from connect()ing to a pathname socket, so this
+        check is what keeps agents from listing, killing and draining. Fails closed.
+        """
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return True
+        try:
+            pid, uid, pidfd = sandbox.peer(sock)
+        except OSError:
+            return True
+        try:
+            async with asyncio.timeout(PEER_CHECK_TIMEOUT):
+                return await self.sup.procs.run(lambda: sandbox.started_by_us(pid, uid, pidfd))
+        except TimeoutError:
+            return True
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     async def start(self) -> None:
         sock = bind_control_socket(self.path, self.mode)

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 
 from corral.protocol import spawn
-from corral.protocol.spawn import Exited
+from corral.protocol.spawn import Exited, SandboxLevel
+from corral.supervisor.sandbox import LevelLog, zygote_environ
 
 log = logging.getLogger("corral.spawner")
 
@@ -48,6 +49,8 @@ class Spawner:
         self._ready: asyncio.Future[int] | None = None
         self._starting: asyncio.Lock = asyncio.Lock()
         self.zygote_pids: set[int] = set()  # every zygote started: the supervisor's own children
+        self.sandbox: SandboxLevel | None = None  # as the running zygote reported it
+        self._sandbox_log = LevelLog()
 
     @property
     def starting(self) -> bool:
@@ -69,6 +72,7 @@ class Spawner:
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=zygote_environ(self.settings.sandbox),
             )
         finally:
             theirs.close()
@@ -125,7 +129,9 @@ class Spawner:
                     fut = self._pending.pop(seq, None)
                     if fut is not None and not fut.done():
                         fut.set_exception(SpawnError(error))
-                case spawn.Ready(pid=pid):
+                case spawn.Ready(pid=pid, sandbox=level):
+                    self.sandbox = level
+                    self._sandbox_log.report(level)
                     if self._ready and not self._ready.done():
                         self._ready.set_result(pid)
                 case spawn.Exited(pid=pid):

@@ -25,7 +25,7 @@ from corral.protocol.types import (
     SessionState,
     check_session_key,
 )
-from corral.supervisor import cgroups
+from corral.supervisor import cgroups, sandbox
 from corral.supervisor.channels.telegram_wiring import TelegramWiring
 from corral.supervisor.config import Config, LimitsConfig
 from corral.supervisor.crashloop import CrashLoops
@@ -83,6 +83,7 @@ class Supervisor:
         self.spawner = Spawner(worker_settings(config, self.max_frame))
         # workers of a zygote replaced by a reload, and that zygote: retired after their turn
         self.old_spawner_of: dict[Worker, Spawner] = {}
+        self.metrics.registry.register(sandbox.LevelCollector(lambda: self.spawner.sandbox))
         self.procs = ProcThread()
         self.tasks = Tasks()
         self.services = Services(on_fatal=self.give_up)
@@ -472,4 +473,5 @@ def worker_settings(config: Config, max_frame: int) -> spawn.WorkerSettings:
         state_dir=str(config.state_path),
         max_frame=max_frame,
         cpu_time_per_turn=float(config.limits.cpu_time_per_turn),
+        sandbox=sandbox.worker_sandbox(config),
     )

@@ -178,6 +178,7 @@ def status(sup: Supervisor) -> Status:
         pollers=sup.telegram.status() if sup.telegram is not None else [],
         config=sup.config_path,
         store=store_health(sup),
+        sandbox=sup.spawner.sandbox,
     )
 
 

@@ -52,3 +52,118 @@ def log_text(turn, ctx):  # type: ignore[no-untyped-def]
     """Logs the message's text as it is (newlines and all), then echoes it."""
     ctx.log.warning("the user said: %s", turn.text)
     ctx.reply("logged")
+
+
+def hostile(turn, ctx):  # type: ignore[no-untyped-def]
+    """An agent that attacks what is not its own; one reply line per `;`-separated command:
+    "ok ..." if it worked, "denied <ErrorType>" if it failed with a permission error,
+    "failed <ErrorType>: ..." for any other error.
+
+    read PATH · list PATH · write PATH · signal PID SIG · pidfd-signal PID SIG ·
+    environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
+    unix socket) · child-control SOCKET (the same from a child process) ·
+    own (write, read and list its state_dir and $TMPDIR, read history) ·
+    undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) ·
+    cli ARGS... (runs `corral ARGS` from inside)
+    """
+    import signal as signals
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    def attempt(command: str) -> str:
+        verb, _, arg = command.strip().partition(" ")
+        try:
+            if verb == "read":
+                with open(arg, "rb") as f:
+                    return f"ok read {len(f.read())} bytes"
+            if verb == "list":
+                return f"ok {len(os.listdir(arg))} entries"
+            if verb == "write":
+                with open(arg, "a") as f:
+                    f.write("pwned\n")
+                return "ok wrote"
+            if verb == "signal":
+                pid, sig = arg.split()
+                os.kill(int(pid), getattr(signals, sig))
+                return "ok signalled"
+            if verb == "pidfd-signal":
+                pid, sig = arg.split()
+                fd = os.pidfd_open(int(pid))
+                try:
+                    signals.pidfd_send_signal(fd, getattr(signals, sig))
+                finally:
+                    os.close(fd)
+                return "ok signalled"
+            if verb == "environ":
+                with open(f"/proc/{arg}/environ", "rb") as f:
+                    return f"ok read {len(f.read())} bytes"
+            if verb == "control":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(arg)
+                    s.sendall(
+                        b"GET /v1/status HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n"
+                    )
+                    answer = b""
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                status = answer.split(b"\r\n", 1)[0].decode()
+                if " 403 " in status:
+                    raise PermissionError(status)
+                return f"ok {status}"
+            if verb == "child-control":  # the same, from a process the agent started
+                code = (
+                    "import socket,sys\n"
+                    "s=socket.socket(socket.AF_UNIX);s.settimeout(5);s.connect(sys.argv[1])\n"
+                    "s.sendall(b'GET /v1/status HTTP/1.1\\r\\nHost: c\\r\\n'\n"
+                    "  b'Connection: close\\r\\n\\r\\n')\n"
+                    "print(s.recv(200).split(b'\\r\\n')[0].decode())\n"
+                )
+                done = subprocess.run(
+                    [sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=30
+                )
+                status = done.stdout.strip() or done.stderr.strip()[-200:]
+                if " 403 " in status:
+                    raise PermissionError(status)
+                return f"ok {status}"
+            if verb == "undumpable":  # hide from a supervisor's /proc (ProtectProc=invisible)
+                import ctypes
+
+                ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+                return "ok undumpable"
+            if verb == "tcp":  # tcp PORT: connect to 127.0.0.1:PORT
+                with socket.create_connection(("127.0.0.1", int(arg)), timeout=5):
+                    return "ok connected"
+            if verb == "abstract":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect("\0" + arg)
+                return "ok connected"
+            if verb == "own":
+                mine = ctx.state_dir / "mine.txt"
+                mine.write_text(turn.text)
+                tmp = tempfile.mkstemp()[1]
+                with open(tmp, "w") as f:
+                    f.write("scratch")
+                with open(tmp) as f:
+                    assert f.read() == "scratch"
+                seen = len(ctx.history())
+                return f"ok {mine.read_text() == turn.text} {tmp} history {seen}"
+            if verb == "cli":
+                done = subprocess.run(
+                    [sys.executable, "-m", "corral.cli.main", *arg.split()],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                if done.returncode != 0:
+                    return f"denied cli exit {done.returncode}: {done.stderr.strip()[-200:]}"
+                return f"ok {done.stdout.strip()[:200]}"
+            return f"unknown {verb}"
+        except PermissionError as e:
+            return f"denied {type(e).__name__}: {e}"
+        except Exception as e:
+            return f"failed {type(e).__name__}: {e}"
+
+    ctx.reply("\n".join(attempt(c) for c in turn.text.split(";")))

@@ -277,6 +277,12 @@ def test_unit_syscall_filter_allows_what_corral_calls(unit: dict[str, list[str]]
         "flock",
         "epoll_wait",
         "mmap",
+        # each worker's sandbox ([sandbox], worker/landlock.py)
+        "landlock_create_ruleset",
+        "landlock_add_rule",
+        "landlock_restrict_self",
+        "capget",
+        "capset",
     }
     assert needed <= allowed, f"blocked by SystemCallFilter: {sorted(needed - allowed)}"
 
@@ -293,13 +299,14 @@ def test_example_config_is_valid_and_documents_every_section() -> None:
     text = EXAMPLE_CONFIG.read_text()
     for section in ("supervisor", "agent", "agent.options", "limits", "channels.http"):
         assert f"\n[{section}]\n" in text
-    for section in ("delivery", "metrics"):
+    for section in ("delivery", "metrics", "sandbox"):
         assert f"\n[{section}]\n" in text
     # Every key of the config is shown, set or commented out.
     for section, obj in [
         ("supervisor", cfg.supervisor),
         ("limits", cfg.limits),
         ("delivery", cfg.delivery),
+        ("sandbox", cfg.sandbox),
     ]:
         for key in obj.__struct_fields__:
             assert re.search(rf"^#? ?{key} = ", text, re.M), f"{section}.{key} is not shown"

@@ -24,6 +24,7 @@ import msgspec
 from corral.protocol import frames
 from corral.protocol.spawn import WorkerSettings
 from corral.protocol.types import HistoryEntry, Turn
+from corral.worker import sandbox
 from corral.worker.confine import set_cpu_backstop
 from corral.worker.transcript import Transcript
 
@@ -142,11 +143,19 @@ class Context:
 
 
 class Runtime:
-    def __init__(self, sock: socket.socket, session: str, settings: WorkerSettings, agent: Agent):
+    def __init__(
+        self,
+        sock: socket.socket,
+        session: str,
+        settings: WorkerSettings,
+        agent: Agent,
+        plan: sandbox.Plan | None = None,
+    ):
         self.conn = Connection(sock, settings.max_frame)
         self.session = session
         self.settings = settings
         self.agent = agent
+        self.plan = plan  # the sandbox to enter before the first turn (None: none)
         self.state_dir = Path(settings.state_dir) / "agents" / session
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -164,6 +173,9 @@ class Runtime:
         transcript = Transcript(
             Path(self.settings.state_dir) / "sessions" / f"{self.session}.jsonl"
         )
+        if self.plan is not None:
+            # from here on the transcript is reached through its open descriptor only
+            sandbox.enter(self.plan, [self.state_dir])
         while True:  # ends when the supervisor sends Shutdown or closes the socket
             frame = self.conn.receive()
             if frame is None or isinstance(frame, frames.Shutdown):

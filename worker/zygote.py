@@ -17,6 +17,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from corral.protocol import cgroupfs, spawn
 from corral.protocol.procfs import become_subreaper, kill_strays, set_title
+from corral.protocol.types import InvalidSessionKey, check_session_key
+from corral.worker import sandbox
 from corral.worker.agentcheck import check_agent
 from corral.worker.confine import confine, die_with_parent
 from corral.worker.runtime import Agent, AgentLoadError, Runtime
@@ -50,6 +53,7 @@ class Zygote:
         self.agent: Agent | None = None
         self.workers_cgroup: Path | None = None  # the supervisor's workers/, if delegated
         self.dying_cgroups: set[Path] = set()  # of dead workers, killed, not yet removed
+        self.sandbox: sandbox.Plan | None = None  # what every worker restricts itself to
 
     def send(self, msg: object, fds: list[int] | None = None) -> None:
         data = spawn.encode(msg)
@@ -59,6 +63,8 @@ class Zygote:
             self.sock.send(data)
 
     def run(self) -> None:
+        if not _from_parent(self.sock):
+            return
         data = self.sock.recv(spawn.MAX_PACKET)
         if not data:
             return
@@ -71,8 +77,14 @@ class Zygote:
         except AgentLoadError as e:
             self.send(spawn.SpawnFailed(seq=0, error=str(e)))
             return
+        try:
+            # after the agent: its modules count
+            self.sandbox = sandbox.plan(settings.sandbox, os.path.join(settings.state_dir, "tmp"))
+        except OSError as e:
+            self.send(spawn.SpawnFailed(seq=0, error=f"sandbox: {e}"))
+            return
         gc.freeze()  # keep preloaded objects out of the collector, so forks share their pages
-        self.send(spawn.Ready(pid=os.getpid()))
+        self.send(spawn.Ready(pid=os.getpid(), sandbox=self.sandbox.level()))
 
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -87,16 +99,34 @@ class Zygote:
                         pass
                     self.reap()
                     continue
-                msg, fds, _, _ = socket.recv_fds(self.sock, spawn.MAX_PACKET, 1)
-                if not msg:
+                accepted = self.accept()
+                if accepted is None:
                     return
-                request = spawn.spawn_decoder.decode(msg)
-                if len(fds) != 1:
-                    for fd in fds:
-                        os.close(fd)
-                    self.send(spawn.SpawnFailed(seq=request.seq, error="no socket attached"))
-                    continue
-                self.fork_worker(request, fds[0], closing=[self.sock.fileno(), wake_r, wake_w])
+                if accepted:
+                    request, fd = accepted
+                    self.fork_worker(request, fd, closing=[self.sock.fileno(), wake_r, wake_w])
+
+    def accept(self) -> tuple[spawn.Spawn, int] | tuple[()] | None:
+        """The next spawn request and its socket; () if refused; None: the supervisor is gone.
+
+        Only the supervisor can send: the socket is one end of a socketpair it made (the
+        peer was checked at start), and every worker closes its copy before anything else.
+        """
+        msg, fds, _, _ = socket.recv_fds(self.sock, spawn.MAX_PACKET, 1)
+        if not msg:
+            return None
+        request = spawn.spawn_decoder.decode(msg)
+        error = "" if len(fds) == 1 else "no socket attached"
+        try:
+            check_session_key(request.session)  # it becomes paths the worker may write
+        except InvalidSessionKey as e:
+            error = str(e)
+        if error:
+            for fd in fds:
+                os.close(fd)
+            self.send(spawn.SpawnFailed(seq=request.seq, error=error))
+            return ()
+        return request, fds[0]
 
     def fork_worker(self, request: spawn.Spawn, fd: int, closing: list[int]) -> None:
         try:
@@ -116,7 +146,7 @@ class Zygote:
                 confine(s, idle=request.idle)
                 set_title(f"corral: worker {request.session}")
                 sock = socket.socket(fileno=fd)
-                code = Runtime(sock, request.session, s, agent).serve()
+                code = Runtime(sock, request.session, s, agent, self.sandbox).serve()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -142,6 +172,7 @@ class Zygote:
         for pid, status in _reaped():
             if pid in self.workers:
                 self.workers.discard(pid)
+                sandbox.forget(self.sandbox, pid)
                 worker_exited = True
                 oom = self.release_cgroup(pid)
                 self.send(spawn.Exited(pid=pid, status=status, oom_killed=oom))
@@ -176,6 +207,13 @@ class Zygote:
             time.sleep(0.01)
 
 
+def _from_parent(sock: socket.socket) -> bool:
+    """Whether the other end of our socket is the supervisor that started us (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _, _ = struct.unpack("3i", creds)
+    return pid == os.getppid()
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -193,6 +231,7 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         zygote.kill_everything()
+        sandbox.remove_all(zygote.sandbox)
 
 
 if __name__ == "__main__":

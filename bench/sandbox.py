@@ -1,0 +1,154 @@
+"""Sandbox: what Landlock costs per spawn and per turn.
+
+Per spawn, in one process that imported corral's worker and built the zygote's plan:
+fork + restrict (worker/sandbox.enter: capabilities, private tmp, ruleset, rules,
+landlock_restrict_self) + _exit + waitpid, against the same without the restriction,
+in the same run, alternating. The figures: the median time of enter() as the child
+measures it (the cost on a spawn's path; goal <= 1 ms), and the difference of the
+medians of the whole fork-to-reap (which adds the kernel freeing the domain at exit).
+
+Per turn, end to end: two `corral serve` (sandbox on, sandbox off) up at once, the same
+echo agent, five messages per new session, the servers taking turns; p50 of POST ?wait
+for the first message (a spawn), the second, and the third to fifth (warm). Goal: a
+warm turn costs the same (the kernel checks files as they are opened; an echo turn
+opens none).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from bench.client import client, percentile, post
+from bench.common import Bench
+from bench.servers import CorralServer
+
+SPAWN_SCRIPT = """
+import json, os, sys, tempfile, time
+import corral.worker.runtime
+from corral.protocol.spawn import SandboxSettings
+from corral.worker import landlock, sandbox
+from corral.worker.confine import no_new_privs
+
+n = int(sys.argv[1])
+root = tempfile.mkdtemp()
+t = time.perf_counter()
+plan = sandbox.plan(SandboxSettings(hidden=[root]), os.path.join(root, "tmp"))
+plan_s = time.perf_counter() - t
+bare, boxed, enter = [], [], []
+for i in range(n):
+    for restrict in (False, True):
+        r, w = os.pipe()
+        t = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # both children do what a worker does anyway; one also restricts
+            os.close(r)
+            no_new_privs()  # the worker has it from confine() already
+            own = os.path.join(root, f"s{i}-{int(restrict)}")
+            os.mkdir(own)
+            t0 = time.perf_counter()
+            if restrict:
+                sandbox.enter(plan, [own])
+            os.write(w, repr(time.perf_counter() - t0).encode())
+            os._exit(0)
+        os.close(w)
+        took = os.read(r, 64)
+        os.close(r)
+        os.waitpid(pid, 0)
+        (boxed if restrict else bare).append(time.perf_counter() - t)
+        if restrict:
+            enter.append(float(took))
+            sandbox.forget(plan, pid)  # what the zygote does at reap, off the spawn path
+sandbox.remove_all(plan)
+print(json.dumps({"abi": plan.abi, "rules": len(plan.rules), "plan_s": plan_s,
+                  "bare": bare, "boxed": boxed, "enter": enter}))
+"""
+
+
+def ms(seconds: float | None) -> float | None:
+    """Milliseconds to the microsecond: these figures are fractions of one."""
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def spawn_cost(n: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", SPAWN_SCRIPT, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    r = json.loads(out.stdout)
+    bare50, boxed50 = percentile(r["bare"], 50), percentile(r["boxed"], 50)
+    assert bare50 is not None and boxed50 is not None
+    return {
+        "abi": r["abi"],
+        "rules": r["rules"],
+        "plan_once_ms": ms(r["plan_s"]),
+        "fork_bare_p50_ms": ms(bare50),
+        "fork_sandboxed_p50_ms": ms(boxed50),
+        "extra_p50_ms": ms(boxed50 - bare50),
+        "enter_p50_ms": ms(percentile(r["enter"], 50)),
+        "enter_p99_ms": ms(percentile(r["enter"], 99)),
+        "goal_per_spawn_ms": 1,
+    }
+
+
+async def turn_cost(bench: Bench, n: int) -> dict[str, Any]:
+    """Both servers up at once, requests alternating between them, so the machine's
+    load falls on both alike."""
+    servers = {
+        name: CorralServer(
+            bench.tmp,
+            name,
+            config={
+                "supervisor": {"idle_timeout": "1h", "max_workers": n + 20},
+                "sandbox": {"enabled": name == "sandbox-on"},
+            },
+        )
+        for name in ("sandbox-off", "sandbox-on")
+    }
+    new: dict[str, list[float]] = {name: [] for name in servers}
+    second: dict[str, list[float]] = {name: [] for name in servers}
+    warm: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for server in servers.values():
+            await server.start()
+        async with client() as http:
+            for i in range(5):  # warm-up: connections and code paths, not counted
+                for server in servers.values():
+                    await post(http, server.base, f"w{i}", "hi")
+            for i in range(n):
+                order = list(servers.items())
+                for name, server in order if i % 2 else order[::-1]:
+                    answers = [await post(http, server.base, f"s{i}", f"m{k}") for k in range(5)]
+                    if not all(a.done for a in answers):
+                        raise RuntimeError(f"sandbox: bad reply {[a.body for a in answers]}")
+                    new[name].append(answers[0].seconds)
+                    second[name].append(answers[1].seconds)
+                    warm[name] += [a.seconds for a in answers[2:]]
+    finally:
+        for server in servers.values():
+            await server.stop()
+    figures: dict[str, Any] = {
+        name: {
+            "new_p50_ms": ms(percentile(new[name], 50)),
+            "second_p50_ms": ms(percentile(second[name], 50)),
+            "warm_p50_ms": ms(percentile(warm[name], 50)),
+            "warm_p99_ms": ms(percentile(warm[name], 99)),
+        }
+        for name in servers
+    }
+    on, off = figures["sandbox-on"], figures["sandbox-off"]
+    for key in ("new", "second", "warm"):
+        a, b = on[f"{key}_p50_ms"], off[f"{key}_p50_ms"]
+        figures[f"{key}_extra_p50_ms"] = None if a is None or b is None else round(a - b, 3)
+    return figures
+
+
+async def run(bench: Bench) -> dict[str, Any]:
+    n = 30 if bench.plan.quick else 200
+    bench.say(f"sandbox: {n} forks with and without the restriction; turns with it on and off")
+    return {"per_spawn": spawn_cost(n), "per_turn": await turn_cost(bench, max(10, n // 4))}
