@@ -204,7 +204,7 @@ def tree(turn, ctx):  # type: ignore[no-untyped-def]
                 _held.append(block)
                 ctx.reply(f"balloon {arg}")
             case "rlimit":
-                soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+                _, hard = resource.getrlimit(resource.RLIMIT_CPU)
                 try:
                     resource.setrlimit(resource.RLIMIT_CPU, (-1, -1))
                     raised = "raised"

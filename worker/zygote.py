@@ -4,8 +4,9 @@ The supervisor runs threads (the store, executors) and an event loop, so it must
 never fork itself. It starts this process once; the zygote imports the worker
 runtime and the agent up front, then forks a worker per spawn request in a few
 milliseconds. It is a child subreaper: whatever a dead worker leaves behind is
-re-parented here and killed. When the supervisor goes away, it kills every worker
-and descendant before it exits.
+re-parented here and killed at once, with everything below it; so is anything
+that turns up as its child without being a worker (see `sweep`). When the
+supervisor goes away, it kills every worker and descendant before it exits.
 
 Run as: python -m corral.worker.zygote FD   (FD: a SOCK_SEQPACKET socket)
 """
@@ -28,6 +29,10 @@ from corral.protocol.procfs import become_subreaper, kill_strays, set_title
 from corral.worker.confine import confine, die_with_parent
 from corral.worker.runtime import Agent, AgentLoadError, Runtime, load_agent
 
+# seconds between sweeps for strays while workers live: reading our one children file
+# costs microseconds, and a stray lives at most this long
+SWEEP_INTERVAL = 0.1
+
 
 def _reaped() -> Iterator[tuple[int, int]]:
     """(pid, wait status) of every child that has exited, without blocking."""
@@ -49,6 +54,7 @@ class Zygote:
         self.agent: Agent | None = None
         self.workers_cgroup: Path | None = None  # the supervisor's workers/, if delegated
         self.dying_cgroups: set[Path] = set()  # of dead workers, killed, not yet removed
+        self.swept_at = 0.0  # monotonic time of the last sweep for strays
 
     def send(self, msg: object, fds: list[int] | None = None) -> None:
         data = spawn.encode(msg)
@@ -79,9 +85,9 @@ class Zygote:
         sel.register(self.sock, selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "child")
         while True:  # ends when the supervisor closes its socket (or SIGTERM)
-            for key, _ in sel.select():
+            for key, _ in sel.select(self.sweep_timeout()):
                 if key.data == "child":
-                    while os.read(wake_r, 512) == 512:
+                    while len(os.read(wake_r, 512)) == 512:
                         pass
                     self.reap()
                     continue
@@ -95,6 +101,7 @@ class Zygote:
                     self.send(spawn.SpawnFailed(seq=request.seq, error="no socket attached"))
                     continue
                 self.fork_worker(request, fds[0], closing=[self.sock.fileno(), wake_r, wake_w])
+            self.sweep_if_due()
 
     def fork_worker(self, request: spawn.Spawn, fd: int, closing: list[int]) -> None:
         try:
@@ -136,16 +143,39 @@ class Zygote:
             os.close(pidfd)
 
     def reap(self) -> None:
-        worker_exited = False
         for pid, status in _reaped():
             if pid in self.workers:
                 self.workers.discard(pid)
-                worker_exited = True
                 oom = self.release_cgroup(pid)
                 self.send(spawn.Exited(pid=pid, status=status, oom_killed=oom))
-        if worker_exited:
-            kill_strays(keep=self.workers)  # what a dead worker left behind
+        # what a dead worker left behind, and what a dead stray left behind in turn: each
+        # death of a child of ours is a SIGCHLD, so the sweep repeats until none is left
+        self.sweep()
         self.dying_cgroups = cgroupfs.remove_all(self.dying_cgroups)
+
+    def sweep(self) -> None:
+        """Kill every child of ours that is not a worker, with everything below it.
+
+        Workers are subreapers, so a worker's orphans stay in its tree; a child of ours
+        that is not a worker got here because its worker died, or because the agent
+        cleared its subreaper flag or forked with CLONE_PARENT (which the worker's
+        seccomp filter refuses). Either way it belongs to no session: it must not live.
+        """
+        self.swept_at = time.monotonic()
+        kill_strays(keep=self.workers)
+
+    def sweep_timeout(self) -> float | None:
+        """How long the zygote may block: until the next sweep is due while it has workers.
+
+        A process re-parented to us by the death of a process that was not our child
+        sends us no SIGCHLD, so while workers live we also sweep on a timer."""
+        if not self.workers:
+            return None
+        return max(0.0, self.swept_at + SWEEP_INTERVAL - time.monotonic())
+
+    def sweep_if_due(self) -> None:
+        if self.workers and time.monotonic() >= self.swept_at + SWEEP_INTERVAL:
+            self.sweep()
 
     def release_cgroup(self, pid: int) -> bool:
         """Kill what is left in a dead worker's cgroup; whether the kernel OOM-killed it."""
