@@ -25,6 +25,7 @@ class ExitReason(StrEnum):
     KILLED = "killed"
     DRAIN = "drain"
     EVICTED = "evicted"
+    TASKS_LIMIT = "tasks_limit"  # too many processes or threads in the worker's tree
 
 
 EXIT_REASONS: Final = tuple(ExitReason)
@@ -38,6 +39,7 @@ ABNORMAL_REASONS: Final = frozenset(
         ExitReason.OUTPUT_LIMIT,
         ExitReason.PROTOCOL_ERROR,
         ExitReason.CRASHED,
+        ExitReason.TASKS_LIMIT,
     }
 )
 

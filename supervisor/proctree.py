@@ -30,10 +30,12 @@ class TreeSample(msgspec.Struct, frozen=True):
     cpu: float  # seconds of user+system CPU, including reaped children
     processes: int
     tasks: int = 0  # processes and threads, zombies included (each holds a PID)
+    root_cpu: float = 0.0  # seconds of the worker process's own CPU (what RLIMIT_CPU counts)
 
 
 class Stat(NamedTuple):
     cpu: float  # user+system seconds, its own and its reaped children's
+    own_cpu: float  # user+system seconds, its own
     threads: int
     rss: int  # bytes
 
@@ -48,8 +50,14 @@ def read_stat(pid: int) -> Stat | None:
     # after the command name: state ppid ... utime(14) stime cutime cstime ...
     # num_threads(20) ... rss(24), counted from 1 with the pid and the name
     fields = stat[stat.rindex(b")") + 2 :].split()
-    ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return Stat(cpu=ticks / CLK_TCK, threads=int(fields[17]), rss=int(fields[21]) * PAGE_SIZE)
+    own = int(fields[11]) + int(fields[12])
+    ticks = own + int(fields[13]) + int(fields[14])
+    return Stat(
+        cpu=ticks / CLK_TCK,
+        own_cpu=own / CLK_TCK,
+        threads=int(fields[17]),
+        rss=int(fields[21]) * PAGE_SIZE,
+    )
 
 
 def pss(pid: int) -> int | None:
@@ -75,7 +83,7 @@ def sample_tree(pid: int, max_tasks: int = 100_000) -> TreeSample | None:
     whatever the rest holds.
     """
     memory = 0
-    cpu = 0.0
+    cpu = root_cpu = 0.0
     count = 0
     tasks = 0
     for i, p in enumerate([pid, *descendants(pid, limit=max_tasks + 1)]):
@@ -84,12 +92,14 @@ def sample_tree(pid: int, max_tasks: int = 100_000) -> TreeSample | None:
             if i == 0:
                 return None
             continue
+        if i == 0:
+            root_cpu = stat.own_cpu
         own = pss(p)
         memory += stat.rss if own is None else own
         cpu += stat.cpu
         tasks += max(1, stat.threads)
         count += 1
-    return TreeSample(rss=memory, cpu=cpu, processes=count, tasks=tasks)
+    return TreeSample(rss=memory, cpu=cpu, processes=count, tasks=tasks, root_cpu=root_cpu)
 
 
 def demote_tree(root_pidfd: int, pid: int) -> int:

@@ -104,6 +104,7 @@ class Worker:
         self.turn: ActiveTurn | None = None  # written by Turns only
         self.sample: TreeSample | None = None
         self.sampled_at = 0.0
+        self.between_cpu_base: float | None = None  # the tree's CPU when last seen idle
         self.idle_output = 0  # bytes of frames since the last turn began
         self.demoted = False  # runs SCHED_IDLE
         self.writer: asyncio.StreamWriter | None = None
