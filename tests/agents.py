@@ -97,6 +97,7 @@ def _escape(mib: int) -> tuple[str, int]:
     """Clear our subreaper flag and double-fork a grandchild holding `mib` MiB: whether
     the flag could be cleared, and the grandchild's pid."""
     import ctypes
+    import time
 
     libc = ctypes.CDLL(None, use_errno=True)
     cleared = libc.prctl(36, 0, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER, 0
@@ -106,9 +107,10 @@ def _escape(mib: int) -> tuple[str, int]:
         os.close(r)
         if os.fork() == 0:
             os.setsid()
+            _report(w)
+            time.sleep(0.5)  # the worker replies first
             block = bytearray(mib * 1024 * 1024)
             block[::4096] = b"\x01" * len(range(0, len(block), 4096))
-            _report(w)
             _sleep_forever()
         os._exit(0)
     os.close(w)

@@ -165,9 +165,10 @@ def test_an_agent_cannot_take_a_descendant_out_of_its_tree(corral: Any) -> None:
     c = start(corral)
     body = c.send("escaper", "escape 300; hang", wait=40)
     assert body["status"] == "error", body
+    assert body["replies"][0]["kind"] == "reply", body
     how, pid = body["replies"][0]["text"].split()
-    assert reason(body["replies"][-1]["text"]) == "rss_limit", body
     assert how == "refused"
+    assert reason(body["replies"][-1]["text"]) == "rss_limit", body
     assert pid_gone(int(pid))
     only_supervisor_and_zygote(c)
 
