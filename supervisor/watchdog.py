@@ -30,9 +30,12 @@ log = logging.getLogger("corral.supervisor")
 
 SAMPLE_INTERVAL = 0.1  # seconds between watchdog ticks
 SAMPLE_BUDGET = 64  # worker trees sampled per tick, at most: a tick's cost is bounded
-# processes read per tick, at most (a tree bigger than this is sampled alone): each costs
-# about 0.1 ms of the process thread (stat and smaps_rollup)
-PROCESS_BUDGET = 256
+# processes read per tick, at most (a tree bigger than this is sampled alone): a lone
+# worker costs about 10 us of the process thread, a process of a tree 0.1-1 ms (its PSS)
+PROCESS_BUDGET = 128
+# a tree is sampled again only after this many times what its last sample cost, so a
+# big tree takes at most a fifth of the process thread, however busy it is
+SAMPLE_DUTY = 5.0
 STRAY_SWEEP_TICKS = 10  # ticks between sweeps for what a dead zygote left
 DEMOTE_CPU = 0.5  # CPU seconds in one turn after which a worker's tree runs SCHED_IDLE
 LAG_INTERVAL = 0.1
@@ -78,7 +81,8 @@ class Watchdog:
     def pick_for_sampling(self) -> list[Worker]:
         """Busy workers first, then the longest unsampled; at most SAMPLE_BUDGET trees
         and, after the first, PROCESS_BUDGET processes (as many as each had last time)."""
-        live = [w for w in self.workers() if not w.dead.is_set()]
+        now = asyncio.get_running_loop().time()
+        live = [w for w in self.workers() if not w.dead.is_set() and now >= self.due(w)]
         live.sort(key=lambda w: (w.state is not SessionState.BUSY, w.sampled_at))
         batch: list[Worker] = []
         processes = 0
@@ -88,6 +92,11 @@ class Watchdog:
                 break
             batch.append(w)
         return batch
+
+    @staticmethod
+    def due(w: Worker) -> float:
+        """When a worker's tree may be sampled again (loop time)."""
+        return w.sampled_at + SAMPLE_DUTY * w.sample.cost if w.sample else 0.0
 
     async def measure(self, w: Worker) -> None:
         """Sample one worker's tree now and check its bounds (a turn ending near one)."""
