@@ -170,13 +170,29 @@ def _forks(n: int) -> list[int]:
     return pids
 
 
+def _bomb(depth: int) -> None:
+    """A bounded fork bomb that ignores SIGTERM: each process forks two children
+    (which do the same, `depth` levels down), then sleeps; 2**(depth+1) - 2 processes."""
+    import signal
+
+    if os.fork() != 0:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for level in range(depth):
+        if os.fork() != 0 and os.fork() != 0:  # both children go on down, the parent sleeps
+            break
+        if level == depth - 1:
+            break
+    _sleep_forever()
+
+
 _held: list[bytearray] = []
 
 
 def tree(turn, ctx):  # type: ignore[no-untyped-def]
     """Runs `;`-separated commands that shape the worker's process tree:
     `chain N`, `chain-ignoring N`, `escape MIB`, `clone-parent`, `spin-child`,
-    `threads N`, `forks N`, `balloon MIB`, `rlimit`, `ignore-term`, `crash`, `hang`.
+    `threads N`, `forks N`, `bomb DEPTH`, `balloon MIB`, `rlimit`, `ignore-term`, `crash`, `hang`.
     Each replies with what it did (pids included); plain text is echoed."""
     import resource
     import signal
@@ -198,6 +214,9 @@ def tree(turn, ctx):  # type: ignore[no-untyped-def]
             case "threads":
                 _threads(int(arg))
                 ctx.reply(f"threads {arg}")
+            case "bomb":
+                _bomb(int(arg))
+                ctx.reply(f"bomb {arg}")
             case "forks":
                 ctx.reply("pids " + " ".join(map(str, _forks(int(arg)))))
             case "balloon":

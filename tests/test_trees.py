@@ -217,6 +217,15 @@ def test_too_many_tasks_end_the_worker(corral: Any, command: str) -> None:
     only_supervisor_and_zygote(c, workers=1)
 
 
+def test_a_fork_bomb_that_ignores_sigterm_leaves_nothing(corral: Any) -> None:
+    c = start(corral, max_tasks=64)
+    body = c.send("bomber", "ignore-term; bomb 7; hang", wait=40)
+    assert body["status"] == "error", body
+    assert reason(body["replies"][-1]["text"]) == "tasks_limit", body
+    only_supervisor_and_zygote(c)
+    assert c.texts("bomber", "back") == ["back"]
+
+
 def test_shared_pages_of_a_forked_tree_count_once(corral: Any) -> None:
     """40 MiB touched, then 30 sleeping forks: summed RSS would be over 1 GiB."""
     c = start(corral, rss_max="300MiB")

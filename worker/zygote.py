@@ -84,6 +84,7 @@ class Zygote:
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "child")
+        self.sweep()  # whatever the agent's import forked is no worker
         while True:  # ends when the supervisor closes its socket (or SIGTERM)
             for key, _ in sel.select(self.sweep_timeout()):
                 if key.data == "child":
