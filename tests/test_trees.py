@@ -10,6 +10,7 @@ reasons in /metrics, and the processes left on the machine (psutil).
 from __future__ import annotations
 
 import re
+import struct
 import threading
 import time
 from typing import Any
@@ -243,3 +244,51 @@ def test_shared_pages_of_a_forked_tree_count_once(corral: Any) -> None:
     assert 40 * 2**20 < row["rss"] < 200 * 2**20, row
     assert row["tasks"] >= 31, row
     assert c.texts("forker", "echo fine") == ["echo fine"]
+
+
+def run_filter(program: bytes, arch: int, nr: int, args: tuple[int, ...] = ()) -> int:
+    """Run a classic-BPF seccomp program on one system call; the action it returns."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    ops = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    acc, pc = 0, 0
+    while True:  # ends at a return: every jump goes forward
+        code, jt, jf, k = ops[pc]
+        if code == 0x20:  # ld [k]
+            acc = struct.unpack_from("<I", data, k)[0]
+        elif code == 0x06:  # ret k
+            return k
+        else:
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        pc += 1
+
+
+@pytest.mark.parametrize(
+    ("arch", "prctl", "clone", "clone3"),
+    [
+        (0xC000003E, 157, 56, 435),  # x86_64
+        (0x40000003, 172, 120, 435),  # i386
+        (0xC00000B7, 167, 220, 435),  # aarch64
+        (0x40000028, 172, 120, 435),  # arm
+    ],
+)
+def test_the_escape_filter_refuses_the_ways_out_and_nothing_else(
+    arch: int, prctl: int, clone: int, clone3: int
+) -> None:
+    from corral.worker.confine import _escape_filter
+
+    program = _escape_filter()
+    allow, eperm, enosys = 0x7FFF0000, 0x00050001, 0x00050026
+    assert run_filter(program, arch, prctl, (36, 0)) == eperm  # clear the subreaper flag
+    assert run_filter(program, arch, prctl, (36, 1)) == allow  # set it
+    assert run_filter(program, arch, prctl, (36, 1 << 32)) == allow  # set it, in the high word
+    assert run_filter(program, arch, prctl, (15, 0)) == allow  # PR_SET_NAME
+    assert run_filter(program, arch, clone, (0x8000 | 17,)) == eperm  # CLONE_PARENT
+    assert run_filter(program, arch, clone, (0x01200011,)) == allow  # what fork() passes
+    assert run_filter(program, arch, clone, (0x003D0F00,)) == allow  # a pthread
+    assert run_filter(program, arch, clone3, ()) == enosys
+    for nr in (0, 1, 2, 59, 60, 231):
+        assert run_filter(program, arch, nr, (36, 0)) == allow
+    if arch == 0xC000003E:
+        assert run_filter(program, arch, 0x40000000 | 157, (36, 0)) == enosys  # x32
+    assert run_filter(program, 0x12345678, prctl, (36, 0)) == allow  # an ABI not listed
