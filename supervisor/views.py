@@ -189,6 +189,7 @@ def session_rows(sup: Supervisor) -> list[SessionRow]:
             s.worker.cpu if s.worker else 0.0,
             len(s.queue),
             s.worker is not None,
+            s.worker.sample.tasks if s.worker and s.worker.sample else 0,
         )
         for s in sup.sessions
     ]

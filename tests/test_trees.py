@@ -243,6 +243,7 @@ def test_shared_pages_of_a_forked_tree_count_once(corral: Any) -> None:
     assert row["state"] == "idle", row
     assert 40 * 2**20 < row["rss"] < 200 * 2**20, row
     assert row["tasks"] >= 31, row
+    assert c.metrics()['corral_session_tasks{session="forker"}'] >= 31
     assert c.texts("forker", "echo fine") == ["echo fine"]
 
 
