@@ -144,6 +144,7 @@ def session_fields(s: SessionInfo) -> list[str]:
             "rss": fmt_bytes(s.rss),
             "cpu": f"{s.cpu:.2f}s",
             "processes": s.processes,
+            "tasks": s.tasks,
             "age": fmt_secs(s.age),
             "turn": s.turn or "-",
             "turn age": fmt_secs(s.turn_age),

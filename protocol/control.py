@@ -16,6 +16,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     rss: int  # bytes, the worker's whole process tree, as last sampled
     cpu: float  # seconds of CPU of the worker's tree
     processes: int  # processes in the worker's tree
+    tasks: int = 0  # processes and threads in the worker's tree (bounded by max_tasks)
     age: float | None  # seconds since the worker was spawned
     turn_age: float | None  # seconds since the current turn started
     turn: str | None  # id of the message being handled

@@ -11,6 +11,15 @@ from typing import Any
 import msgspec
 
 MAX_PACKET = 64 * 1024
+# a worker process's lifetime CPU, in turns' worth of cpu_time_per_turn (+2 s each): its
+# RLIMIT_CPU hard limit, which the agent cannot raise; the supervisor retires an idle
+# worker before a turn could run into it
+CPU_LIFETIME_TURNS = 20
+
+
+def cpu_lifetime(cpu_time_per_turn: float) -> float:
+    """CPU seconds a worker process may use in its life (the RLIMIT_CPU hard limit)."""
+    return CPU_LIFETIME_TURNS * (cpu_time_per_turn + 2)
 
 
 class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -26,6 +26,7 @@ class ExitReason(StrEnum):
     DRAIN = "drain"
     EVICTED = "evicted"
     RELOAD = "reload"  # retired after a reload changed what workers start with
+    TASKS_LIMIT = "tasks_limit"  # too many processes or threads in the worker's tree
 
 
 EXIT_REASONS: Final = tuple(ExitReason)
@@ -39,6 +40,7 @@ ABNORMAL_REASONS: Final = frozenset(
         ExitReason.OUTPUT_LIMIT,
         ExitReason.PROTOCOL_ERROR,
         ExitReason.CRASHED,
+        ExitReason.TASKS_LIMIT,
     }
 )
 

@@ -35,6 +35,7 @@ log = logging.getLogger("corral.cgroups")
 
 CONTROLLERS = ("memory", "pids", "cpu")
 PIDS_MAX = 1024  # processes per worker: stops a fork bomb
+PIDS_HEADROOM = 64  # pids.max above max_tasks: the sampler names the bound first
 CPU_PERIOD = 100_000  # microseconds
 MEMORY_HEADROOM = 16 * 2**20  # at least this much of memory.max above rss_max
 

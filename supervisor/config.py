@@ -64,6 +64,7 @@ class LimitsConfig(_Section):
     restart_intensity: PositiveInt = 5
     restart_period: Duration = Duration(60)
     quarantine: Duration = Duration(600)
+    max_tasks: PositiveInt = 512  # processes + threads in a worker's tree
 
 
 class HttpChannelConfig(_Section):

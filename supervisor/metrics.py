@@ -34,6 +34,7 @@ class SessionRow(NamedTuple):
     cpu: float
     queue: int
     has_worker: bool
+    tasks: int = 0
 
 
 class SessionCollector(Collector):
@@ -45,7 +46,7 @@ class SessionCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         rss = GaugeMetricFamily(
             "corral_session_rss_bytes",
-            "RSS of the session worker's process tree",
+            "Memory of the session worker's process tree (RSS alone, PSS summed for a tree)",
             labels=["session"],
         )
         cpu = CounterMetricFamily(
@@ -59,12 +60,18 @@ class SessionCollector(Collector):
         state = GaugeMetricFamily(
             "corral_session_state", "1 for the session's current state", labels=["session", "state"]
         )
+        tasks = GaugeMetricFamily(
+            "corral_session_tasks",
+            "Processes and threads in the session worker's tree (bounded by max_tasks)",
+            labels=["session"],
+        )
         workers = GaugeMetricFamily("corral_workers", "Sessions by state", labels=["state"])
         counts: dict[str, int] = {str(state): 0 for state in SessionState}
         for row in self.rows:
             if row.has_worker:
                 rss.add_metric([row.session], row.rss)
                 cpu.add_metric([row.session], row.cpu)
+                tasks.add_metric([row.session], row.tasks)
             queue.add_metric([row.session], row.queue)
             # the current state only: the other four would be 0, and at 1,000 sessions
             # they are 4,000 series that make every scrape slower for nothing
@@ -72,7 +79,7 @@ class SessionCollector(Collector):
             counts[row.state] = counts.get(row.state, 0) + 1
         for s, n in counts.items():
             workers.add_metric([s], n)
-        yield from (rss, cpu, queue, state, workers)
+        yield from (rss, cpu, tasks, queue, state, workers)
 
 
 class Metrics:

@@ -152,7 +152,8 @@ class Supervisor:
         if self.delegation is None:
             log.info("per-worker cgroups: not used (%s); bounds rely on sampling", why)
             return
-        limits = cgroups.worker_limits(int(self.limits.rss_max))
+        pids_max = self.limits.max_tasks + cgroups.PIDS_HEADROOM
+        limits = cgroups.worker_limits(int(self.limits.rss_max), pids_max=pids_max)
         self.spawner.settings = cgroups.with_cgroups(self.spawner.settings, self.delegation, limits)
         controllers = ", ".join(self.delegation.controllers) or "none"
         log.info(

@@ -66,6 +66,7 @@ def session_info(sup: Supervisor, key: str, stored: SessionSummary | None = None
         rss=w.rss if w else 0,
         cpu=w.cpu if w else 0.0,
         processes=w.sample.processes if w and w.sample else (1 if w else 0),
+        tasks=w.sample.tasks if w and w.sample else (1 if w else 0),
         age=now - w.started if w else None,
         turn_age=now - t.started if t else None,
         turn=t.message.id if t else None,
@@ -199,6 +200,7 @@ def session_rows(sup: Supervisor) -> list[SessionRow]:
             s.worker.cpu if s.worker else 0.0,
             len(s.queue),
             s.worker is not None,
+            s.worker.sample.tasks if s.worker and s.worker.sample else 0,
         )
         for s in sup.sessions
     ]

@@ -104,6 +104,7 @@ class Worker:
         self.turn: ActiveTurn | None = None  # written by Turns only
         self.sample: TreeSample | None = None
         self.sampled_at = 0.0
+        self.between_cpu_base: float | None = None  # the tree's CPU when last seen idle
         self.idle_output = 0  # bytes of frames since the last turn began
         self.demoted = False  # runs SCHED_IDLE
         self.writer: asyncio.StreamWriter | None = None
@@ -162,13 +163,16 @@ class Worker:
         return True
 
     def signal_tree(self, sig: int) -> None:
-        """Signal the worker now, and its descendants from the process thread."""
-        self.signal(sig)
-        if sig != signal.SIGKILL:
-            self.signal(signal.SIGCONT)  # a stopped worker acts on SIGTERM only once continued
-        self._on_proc_thread(
-            lambda fd: proctree.signal_descendants(fd, self.pid, sig), f"signal {self.session}"
-        )
+        """Signal the worker's descendants, leaves first, then the worker (the process
+        thread walks the tree while its root still holds it together). SIGKILL also
+        goes to the worker at once: what a dead worker leaves, the zygote kills."""
+        if sig == signal.SIGKILL:
+            self.signal(sig)
+        walk = partial(proctree.signal_tree, pid=self.pid, sig=sig)
+        if not self._on_proc_thread(lambda fd: walk(fd), f"signal {self.session}"):
+            self.signal(sig)
+            if sig != signal.SIGKILL:
+                self.signal(signal.SIGCONT)  # a stopped worker acts on SIGTERM once continued
 
     def demote(self) -> None:
         """Let the worker's tree run only on CPU time nothing else wants (SCHED_IDLE), for
@@ -189,14 +193,15 @@ class Worker:
         except ProcessLookupError:
             return False
 
-    def _on_proc_thread(self, fn: Callable[[int], object], what: str) -> None:
-        """Run fn(pidfd) on the process thread with a pidfd of its own."""
+    def _on_proc_thread(self, fn: Callable[[int], object], what: str) -> bool:
+        """Run fn(pidfd) on the process thread with a pidfd of its own; False if it
+        cannot be (the worker is gone, or descriptors ran out)."""
         if self.pidfd is None:
-            return
+            return False
         try:
             fd = os.dup(self.pidfd)
-        except OSError:  # out of descriptors: the worker itself was signalled already
-            return
+        except OSError:
+            return False
 
         def run() -> object:
             try:
@@ -205,6 +210,7 @@ class Worker:
                 os.close(fd)
 
         self.procs.submit(run, what)
+        return True
 
     def _exited(self) -> None:
         if self.pidfd is not None:

@@ -39,11 +39,11 @@ def inject(failures: int | None) -> dict[str, int]:
     count = {"failures": 0}
     real = watchdog.sample_all
 
-    def faulty(pids: list[int]) -> list[Any]:
+    def faulty(pids: list[int], *args: Any) -> list[Any]:
         if failures is None or count["failures"] < failures:
             count["failures"] += 1
             raise OSError("injected: /proc could not be read")
-        return real(pids)
+        return real(pids, *args)
 
     watchdog.sample_all = faulty  # type: ignore[assignment]
     return count

@@ -38,6 +38,7 @@ APT_PACKAGE = {"systemd-analyze": "systemd", "promtool": "prometheus"}
 EXPORTED = {
     "corral_session_rss_bytes": "gauge",
     "corral_session_cpu_seconds": "counter",
+    "corral_session_tasks": "gauge",
     "corral_session_queue_depth": "gauge",
     "corral_session_state": "gauge",
     "corral_workers": "gauge",

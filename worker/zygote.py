@@ -4,8 +4,9 @@ The supervisor runs threads (the store, executors) and an event loop, so it must
 never fork itself. It starts this process once; the zygote imports the worker
 runtime and the agent up front, then forks a worker per spawn request in a few
 milliseconds. It is a child subreaper: whatever a dead worker leaves behind is
-re-parented here and killed. When the supervisor goes away, it kills every worker
-and descendant before it exits.
+re-parented here and killed at once, with everything below it; so is anything
+that turns up as its child without being a worker (see `sweep`). When the
+supervisor goes away, it kills every worker and descendant before it exits.
 
 Run as: python -m corral.worker.zygote FD   (FD: a SOCK_SEQPACKET socket)
 """
@@ -32,6 +33,10 @@ from corral.worker.agentcheck import check_agent
 from corral.worker.confine import confine, die_with_parent
 from corral.worker.runtime import Agent, AgentLoadError, Runtime
 
+# seconds between sweeps for strays while workers live: reading our one children file
+# costs microseconds, and a stray lives at most this long
+SWEEP_INTERVAL = 0.1
+
 
 def _reaped() -> Iterator[tuple[int, int]]:
     """(pid, wait status) of every child that has exited, without blocking."""
@@ -54,6 +59,7 @@ class Zygote:
         self.workers_cgroup: Path | None = None  # the supervisor's workers/, if delegated
         self.dying_cgroups: set[Path] = set()  # of dead workers, killed, not yet removed
         self.sandbox: sandbox.Plan | None = None  # what every worker restricts itself to
+        self.swept_at = 0.0  # monotonic time of the last sweep for strays
 
     def send(self, msg: object, fds: list[int] | None = None) -> None:
         data = spawn.encode(msg)
@@ -92,10 +98,11 @@ class Zygote:
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "child")
+        self.sweep()  # whatever the agent's import forked is no worker
         while True:  # ends when the supervisor closes its socket (or SIGTERM)
-            for key, _ in sel.select():
+            for key, _ in sel.select(self.sweep_timeout()):
                 if key.data == "child":
-                    while os.read(wake_r, 512) == 512:
+                    while len(os.read(wake_r, 512)) == 512:
                         pass
                     self.reap()
                     continue
@@ -105,6 +112,7 @@ class Zygote:
                 if accepted:
                     request, fd = accepted
                     self.fork_worker(request, fd, closing=[self.sock.fileno(), wake_r, wake_w])
+            self.sweep_if_due()
 
     def accept(self) -> tuple[spawn.Spawn, int] | tuple[()] | None:
         """The next spawn request and its socket; () if refused; None: the supervisor is gone.
@@ -168,17 +176,40 @@ class Zygote:
             os.close(pidfd)
 
     def reap(self) -> None:
-        worker_exited = False
         for pid, status in _reaped():
             if pid in self.workers:
                 self.workers.discard(pid)
                 sandbox.forget(self.sandbox, pid)
-                worker_exited = True
                 oom = self.release_cgroup(pid)
                 self.send(spawn.Exited(pid=pid, status=status, oom_killed=oom))
-        if worker_exited:
-            kill_strays(keep=self.workers)  # what a dead worker left behind
+        # what a dead worker left behind, and what a dead stray left behind in turn: each
+        # death of a child of ours is a SIGCHLD, so the sweep repeats until none is left
+        self.sweep()
         self.dying_cgroups = cgroupfs.remove_all(self.dying_cgroups)
+
+    def sweep(self) -> None:
+        """Kill every child of ours that is not a worker, with everything below it.
+
+        Workers are subreapers, so a worker's orphans stay in its tree; a child of ours
+        that is not a worker got here because its worker died, or because the agent
+        cleared its subreaper flag or forked with CLONE_PARENT (which the worker's
+        seccomp filter refuses). Either way it belongs to no session: it must not live.
+        """
+        self.swept_at = time.monotonic()
+        kill_strays(keep=self.workers)
+
+    def sweep_timeout(self) -> float | None:
+        """How long the zygote may block: until the next sweep is due while it has workers.
+
+        A process re-parented to us by the death of a process that was not our child
+        sends us no SIGCHLD, so while workers live we also sweep on a timer."""
+        if not self.workers:
+            return None
+        return max(0.0, self.swept_at + SWEEP_INTERVAL - time.monotonic())
+
+    def sweep_if_due(self) -> None:
+        if self.workers and time.monotonic() >= self.swept_at + SWEEP_INTERVAL:
+            self.sweep()
 
     def release_cgroup(self, pid: int) -> bool:
         """Kill what is left in a dead worker's cgroup; whether the kernel OOM-killed it."""
