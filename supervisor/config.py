@@ -64,6 +64,9 @@ class LimitsConfig(_Section):
     restart_intensity: PositiveInt = 5
     restart_period: Duration = Duration(60)
     quarantine: Duration = Duration(600)
+    # log and progress frames per second per worker; past it they are dropped and counted,
+    # and a worker that keeps flooding for FLOOD_SECONDS is stopped (output_limit)
+    frame_rate: PositiveInt = 200
 
 
 class HttpChannelConfig(_Section):

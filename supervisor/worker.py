@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 from corral.protocol import frames, spawn
 from corral.protocol.types import ExitReason, SessionState
 from corral.supervisor import cgroups, proctree
+from corral.supervisor.frameread import FrameStream
 from corral.supervisor.procthread import ProcThread
 from corral.supervisor.proctree import TreeSample
 from corral.supervisor.services import within
 from corral.supervisor.spawner import Spawned
 
 if TYPE_CHECKING:
-    from corral.supervisor.turns import ActiveTurn
+    from corral.supervisor.turns import ActiveTurn, FrameRate
 
 log = logging.getLogger("corral.supervisor")
 
@@ -40,6 +41,8 @@ AFTER_DEATH = 1.0  # seconds to read what a dead worker wrote (a stray may hold 
 DEATH_AFTER_EOF = 3.0
 SURVIVE_SIGKILL = 5.0  # seconds past kill_grace after which a worker is given up on
 QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN)
+FRAMES_PER_PASS = 64  # frames of one worker handled before the loop is yielded
+PASS_SECONDS = 0.002  # or this much time, whichever comes first
 
 
 def mib(n: float, up: bool = False) -> str:
@@ -102,11 +105,13 @@ class Worker:
         self.reaped = asyncio.Event()
         self.exit: Exit | None = None  # set when the supervisor ends it
         self.turn: ActiveTurn | None = None  # written by Turns only
+        self.frame_rate: FrameRate | None = None  # written by Turns only
         self.sample: TreeSample | None = None
         self.sampled_at = 0.0
         self.idle_output = 0  # bytes of frames since the last turn began
         self.demoted = False  # runs SCHED_IDLE
-        self.writer: asyncio.StreamWriter | None = None
+        self.writer: asyncio.WriteTransport | None = None
+        self.stream: FrameStream | None = None  # set by serve
         self._kill_timer: asyncio.TimerHandle | None = None
         self._read_scope: asyncio.Timeout | None = None
         loop.add_reader(self.pidfd, self._exited)
@@ -237,11 +242,13 @@ async def serve(
 ) -> None:
     """Read the worker's frames until it ends, then wait (bounded) for its death."""
     decoder = frames.decoder_for_worker_frames()
+    loop = asyncio.get_running_loop()
     try:
-        reader, w.writer = await asyncio.open_unix_connection(sock=w.sock)
+        stream = w.stream = await FrameStream.connect(w.sock, decoder, max_frame)
+        w.writer = stream.transport
         async with asyncio.timeout(HELLO_TIMEOUT) as scope:
             w._read_scope = scope
-            hello = await frames.read_frame_async(reader, decoder, max_frame)
+            hello = await stream.next_frame()
         if not isinstance(hello, frames.Hello) or hello.version != frames.PROTOCOL_VERSION:
             raise frames.FrameError(
                 f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}"
@@ -251,11 +258,18 @@ async def serve(
             on_ready()
         async with asyncio.timeout(None) as scope:
             w._read_scope = scope
+            handled, pass_end = 0, loop.time() + PASS_SECONDS
             while True:  # ends at EOF, a bad frame, or a second after the worker died
-                frame = await frames.read_frame_async(reader, decoder, max_frame)
+                frame = await stream.next_frame()
                 if frame is None:
                     break
                 await on_frame(frame)
+                handled += 1
+                # a worker's buffered frames are handled a budget at a time, then every
+                # other task gets the loop: a flood delays the flooder only
+                if handled >= FRAMES_PER_PASS or loop.time() >= pass_end:
+                    await asyncio.sleep(0)
+                    handled, pass_end = 0, loop.time() + PASS_SECONDS
     except frames.FrameError as e:
         w.stop(ExitReason.PROTOCOL_ERROR, f"the worker broke the protocol ({e})")
     except TimeoutError:
