@@ -25,6 +25,9 @@ class ExitReason(StrEnum):
     KILLED = "killed"
     DRAIN = "drain"
     EVICTED = "evicted"
+    # the zygote that forked it died or was replaced: not the session's fault, the turn
+    # runs again
+    ZYGOTE_LOST = "zygote_lost"
 
 
 EXIT_REASONS: Final = tuple(ExitReason)

@@ -30,6 +30,7 @@ from corral.supervisor.channels.telegram_wiring import TelegramWiring
 from corral.supervisor.config import Config
 from corral.supervisor.crashloop import CrashLoops
 from corral.supervisor.delivery import Outbox
+from corral.supervisor.fds import Descriptors
 from corral.supervisor.inbox import Inbox
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.procthread import ProcThread
@@ -57,6 +58,10 @@ class QueueFull(Exception):
     """The session already has max_queue messages waiting."""
 
 
+class TooManySessions(QueueFull):
+    """No new session now: the supervisor is short of file descriptors (a 429 too)."""
+
+
 class IdConflict(Exception):
     """A client id was used before for a message of another session."""
 
@@ -81,6 +86,7 @@ class Supervisor:
             max(int(self.limits.output_per_turn), int(self.limits.max_text)) + frames.FRAME_OVERHEAD
         )
         self.spawner = Spawner(worker_settings(config, self.max_frame))
+        self.fds = Descriptors()
         self.procs = ProcThread()
         self.tasks = Tasks()
         self.services = Services(on_fatal=self.give_up)
@@ -117,6 +123,7 @@ class Supervisor:
     async def start(self) -> None:
         """Open the store, start the zygote, and re-queue what the last run left unfinished."""
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.fds.raise_limit()  # before the store, the zygote and any worker open theirs
         await self.store.open()
         procfs.become_subreaper()  # a dead zygote's orphans come to us (see Watchdog)
         await self.use_cgroups()
@@ -132,6 +139,7 @@ class Supervisor:
         for name, channel in self.outbox.channels.items():
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)
+        self.services.start("zygote health", self.spawner.watch)
         self.services.start("loop lag", self.lag.run)
         if self.telegram is not None:
             self.telegram.start()
@@ -216,6 +224,10 @@ class Supervisor:
         s = self.sessions.get(session)
         if s is not None and len(s.queue) >= self.limits.max_queue:
             raise QueueFull(f"session {session} has {len(s.queue)} messages waiting")
+        if s is None or (s.worker is None and not s.has_slot and not s.queue):
+            # a new worker: refused while descriptors are short, before they run out
+            if (why := self.fds.take_new_session()) is not None:
+                raise TooManySessions(why)
         accepted = await self.inbox.accept(session, text, origin, client_id)
         if accepted.duplicate:
             if accepted.message.session != session:
@@ -297,14 +309,23 @@ class Supervisor:
             self.dispatch(s)
 
     async def spawn(self, s: Session) -> Worker | None:
+        if delay := self.spawner.backoff():  # spawns keep failing: do not spin
+            await asyncio.sleep(delay)
+            if self.draining:
+                return None
         recent = self.crashloops.recent(s.key)
         try:
             # a session that broke a bound within restart_period starts at idle priority:
             # its worker gives way to every well-behaved one
             spawned = await self.spawner.spawn(s.key, idle=bool(recent))
         except Exception as e:  # SpawnError, a timeout, or descriptors running out
-            log.error("session %s: cannot start a worker: %s", s.key, e)
-            await self.crashloops.count_failure(s.key)
+            # the supervisor's trouble, not the session's: no restart counted, no backoff or
+            # SCHED_IDLE for it; its messages wait in its queue for the next try
+            self.metrics.spawn_failures.inc()
+            n = self.spawner.failures
+            if n & (n - 1) == 0:  # 1, 2, 4, 8 ... failures in a row: logged, not each one
+                log.error("cannot start workers (%d failures in a row): %s", n, e)
+            log.debug("session %s: cannot start a worker: %s", s.key, e)
             return None
         grace = float(self.config.supervisor.kill_grace)
         cgroup_workers = self.delegation.workers if self.delegation else None
@@ -326,7 +347,11 @@ class Supervisor:
     async def reap(self, w: Worker) -> Exit:
         """The worker is dead: how it ended, counted."""
         exited = await self.spawner.exit_status(w.pid, timeout=REAP_TIMEOUT)
-        exit = w.exit or describe_exit(exited, self.spawner.settings.memory_max)
+        if w.exit is None and exited is None and self.spawner.lost(w.zygote):
+            # it died with its zygote (a parent-death signal): not the session's doing
+            exit = Exit(ExitReason.ZYGOTE_LOST, "the zygote that forks workers was lost")
+        else:
+            exit = w.exit or describe_exit(exited, self.spawner.settings.memory_max)
         self.metrics.worker_exits.labels(exit.reason).inc()
         return exit
 

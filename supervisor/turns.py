@@ -287,6 +287,15 @@ class Turns:
             t.session.queue.appendleft(t.message)
             await self.inbox.undo_start(t.message)
             return
+        if exit.reason is ExitReason.ZYGOTE_LOST:
+            # not the session's doing: the turn runs again on a new worker. Its attempt
+            # counts, so a message that takes the zygote down each time is answered with
+            # an error after MAX_STARTS instead of running forever.
+            log.warning(
+                "session %s: its worker died with the zygote; its turn runs again", w.session
+            )
+            t.session.queue.appendleft(t.message)
+            return
         text = f"turn stopped: {exit.detail} [{exit.reason}]"
         await self.inbox.fail(t.message, t.next_index, text)
         self._ended(t)

@@ -174,6 +174,10 @@ def status(sup: Supervisor) -> Status:
         loop_lag=sup.lag.lag,
         loop_lag_max=sup.lag.lag_max,
         kill_grace=float(sup.config.supervisor.kill_grace),
+        fds=sup.fds.in_use(),
+        fds_limit=sup.fds.limit,
+        zygotes_replaced=sup.spawner.replaced,
+        spawn_failures=sup.spawner.failures,
         pollers=sup.telegram.status() if sup.telegram is not None else [],
     )
 

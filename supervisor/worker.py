@@ -96,6 +96,7 @@ class Worker:
         self.pidfd: int | None = spawned.pidfd
         self.sock = spawned.sock
         self.spawn_seconds = spawned.seconds
+        self.zygote = spawned.zygote  # the generation of the zygote that forked it
         self.procs = procs
         self.kill_grace = kill_grace
         self.cgroup_workers = cgroup_workers

@@ -88,7 +88,12 @@ class Zygote:
                 msg, fds, _, _ = socket.recv_fds(self.sock, spawn.MAX_PACKET, 1)
                 if not msg:
                     return
-                request = spawn.spawn_decoder.decode(msg)
+                request = spawn.request_decoder.decode(msg)
+                if isinstance(request, spawn.Ping):
+                    for fd in fds:
+                        os.close(fd)
+                    self.send(spawn.Pong(seq=request.seq))
+                    continue
                 if len(fds) != 1:
                     for fd in fds:
                         os.close(fd)
