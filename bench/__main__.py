@@ -20,12 +20,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import durability, isolation, reaction, report, scale, spawn, stop, throughput
+from bench import durability, floods, isolation, reaction, report, scale, spawn, stop, throughput
 from bench.common import Bench, Plan
 from bench.servers import REPO, RUN_ID, stop_all
 
 BENCHMARKS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "isolation": isolation.run,
+    "floods": floods.run,
     "reaction": reaction.run,
     "spawn": spawn.run,
     "throughput": throughput.run,

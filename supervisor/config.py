@@ -66,7 +66,7 @@ class LimitsConfig(_Section):
     quarantine: Duration = Duration(600)
     # log and progress frames per second per worker; past it they are dropped and counted,
     # and a worker that keeps flooding for FLOOD_SECONDS is stopped (output_limit)
-    frame_rate: PositiveInt = 200
+    frame_rate: PositiveInt = 100
 
 
 class HttpChannelConfig(_Section):

@@ -26,6 +26,7 @@ log = logging.getLogger("corral.spawner")
 ZYGOTE_START_TIMEOUT = 60.0  # preloading a heavy agent (an SDK, a model client) takes a while
 SPAWN_TIMEOUT = 10.0  # from the request reaching the zygote's socket to its answer
 SPAWN_QUEUE_TIMEOUT = 60.0  # a request waiting for its turn to be sent: a burst of 1,000
+WORKER_SNDBUF = 32 * 1024  # the kernel doubles it
 MAX_IN_FLIGHT = 16  # requests sent and not answered: the rest wait here, not in the socket
 ZYGOTE_STOP_TIMEOUT = 10.0
 PING_INTERVAL = 2.0
@@ -304,6 +305,9 @@ class Spawner:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as e:  # EMFILE, ENFILE: ours to fix, not the session's
             raise SpawnError(f"cannot make a socket for the worker: {e}") from None
+        # a small send buffer on the worker's end: a worker that writes faster than the
+        # supervisor reads blocks soon, instead of spinning a CPU to fill 200 KiB of frames
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SNDBUF)
         request = self._request(
             lambda seq: spawn.encode(spawn.Spawn(seq=seq, session=session, idle=idle)), theirs
         )

@@ -31,7 +31,7 @@ worker_log = logging.getLogger("corral.worker")
 FRAME_COST = 16  # bytes charged per log or progress frame, so empty ones are not free
 NEAR_BOUND = 0.8  # a turn whose own figures pass this share of a bound is measured at its end
 MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
-FRAME_BURST = 5.0  # seconds of frame_rate a worker may send at once before frames are dropped
+FRAME_BURST = 2.0  # seconds of frame_rate a worker may send at once before frames are dropped
 FLOOD_SECONDS = 10.0  # a worker dropping frames this long without a break is stopped
 FLOOD_BREAK = 1.0  # seconds without a drop that end a flood
 # A deadline timer that runs this late ran on a loop that was stalled (SIGSTOP, a swapped-out
@@ -67,6 +67,10 @@ class FrameRate:
         if self.flood_since is None:
             self.flood_since = now
         return False
+
+    @property
+    def flooding(self) -> bool:
+        return self.flood_since is not None
 
     def flooding_for(self, now: float) -> float:
         return 0.0 if self.flood_since is None else now - self.flood_since

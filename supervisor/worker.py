@@ -43,6 +43,12 @@ SURVIVE_SIGKILL = 5.0  # seconds past kill_grace after which a worker is given u
 QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN)
 FRAMES_PER_PASS = 64  # frames of one worker handled before the loop is yielded
 PASS_SECONDS = 0.002  # or this much time, whichever comes first
+# a worker flooding past its frame_rate waits this long between passes, and handles
+# FLOOD_FRAMES_PER_PASS frames in each: twice the default frame_rate, so the excess is still
+# seen (dropped, counted, and at length the worker stopped), while the rest of its flood
+# stays in its socket (it blocks writing) instead of costing the loop
+FLOOD_PAUSE = 0.04
+FLOOD_FRAMES_PER_PASS = 8
 
 
 def mib(n: float, up: bool = False) -> str:
@@ -259,7 +265,7 @@ async def serve(
             on_ready()
         async with asyncio.timeout(None) as scope:
             w._read_scope = scope
-            handled, pass_end = 0, loop.time() + PASS_SECONDS
+            handled, budget, pass_end = 0, FRAMES_PER_PASS, loop.time() + PASS_SECONDS
             while True:  # ends at EOF, a bad frame, or a second after the worker died
                 frame = await stream.next_frame()
                 if frame is None:
@@ -268,8 +274,10 @@ async def serve(
                 handled += 1
                 # a worker's buffered frames are handled a budget at a time, then every
                 # other task gets the loop: a flood delays the flooder only
-                if handled >= FRAMES_PER_PASS or loop.time() >= pass_end:
-                    await asyncio.sleep(0)
+                if handled >= budget or loop.time() >= pass_end:
+                    flooding = w.frame_rate is not None and w.frame_rate.flooding
+                    await asyncio.sleep(FLOOD_PAUSE if flooding else 0)
+                    budget = FLOOD_FRAMES_PER_PASS if flooding else FRAMES_PER_PASS
                     handled, pass_end = 0, loop.time() + PASS_SECONDS
     except frames.FrameError as e:
         w.stop(ExitReason.PROTOCOL_ERROR, f"the worker broke the protocol ({e})")
