@@ -291,7 +291,7 @@ class Spawner:
         SpawnError (or TimeoutError) for anything that is not the session's doing."""
         try:
             spawned = await self._spawn(session, idle)
-        except BaseException:
+        except (SpawnError, OSError, TimeoutError):
             self.failures += 1
             raise
         self.failures = 0

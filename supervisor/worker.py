@@ -43,10 +43,10 @@ SURVIVE_SIGKILL = 5.0  # seconds past kill_grace after which a worker is given u
 QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN)
 FRAMES_PER_PASS = 64  # frames of one worker handled before the loop is yielded
 PASS_SECONDS = 0.002  # or this much time, whichever comes first
-# a worker flooding past its frame_rate waits this long between passes, and handles
-# FLOOD_FRAMES_PER_PASS frames in each: twice the default frame_rate, so the excess is still
-# seen (dropped, counted, and at length the worker stopped), while the rest of its flood
-# stays in its socket (it blocks writing) instead of costing the loop
+# a worker flooding past its frame_rate waits this long between passes, and handles frames
+# at twice its frame_rate (FLOOD_FRAMES_PER_PASS at least): the excess is still seen
+# (dropped, counted, and at length the worker stopped), while the rest of its flood stays
+# in its socket (it blocks writing) instead of costing the loop
 FLOOD_PAUSE = 0.04
 FLOOD_FRAMES_PER_PASS = 8
 
@@ -253,9 +253,17 @@ async def serve(
     try:
         stream = w.stream = await FrameStream.connect(w.sock, decoder, max_frame)
         w.writer = stream.transport
-        async with asyncio.timeout(HELLO_TIMEOUT) as scope:
-            w._read_scope = scope
-            hello = await stream.next_frame()
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT) as scope:
+                w._read_scope = scope
+                hello = await stream.next_frame()
+        except TimeoutError:
+            if w.dead.is_set() or not stream.pending():
+                raise
+            # the loop was stalled (SIGSTOP) with the hello unread: read it now
+            async with asyncio.timeout(AFTER_DEATH) as scope:
+                w._read_scope = scope
+                hello = await stream.next_frame()
         if not isinstance(hello, frames.Hello) or hello.version != frames.PROTOCOL_VERSION:
             raise frames.FrameError(
                 f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}"
@@ -275,9 +283,13 @@ async def serve(
                 # a worker's buffered frames are handled a budget at a time, then every
                 # other task gets the loop: a flood delays the flooder only
                 if handled >= budget or loop.time() >= pass_end:
-                    flooding = w.frame_rate is not None and w.frame_rate.flooding
-                    await asyncio.sleep(FLOOD_PAUSE if flooding else 0)
-                    budget = FLOOD_FRAMES_PER_PASS if flooding else FRAMES_PER_PASS
+                    rate = w.frame_rate
+                    if rate is not None and rate.flooding:
+                        await asyncio.sleep(FLOOD_PAUSE)
+                        budget = max(FLOOD_FRAMES_PER_PASS, math.ceil(2 * rate.rate * FLOOD_PAUSE))
+                    else:
+                        await asyncio.sleep(0)
+                        budget = FRAMES_PER_PASS
                     handled, pass_end = 0, loop.time() + PASS_SECONDS
     except frames.FrameError as e:
         w.stop(ExitReason.PROTOCOL_ERROR, f"the worker broke the protocol ({e})")
