@@ -8,6 +8,8 @@ import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from tests.harness import wait_for
+from tests.harness import REPO, wait_for
 
 CHAOS = "corral.worker.agents.chaos:agent"
 
@@ -170,3 +172,26 @@ def test_new_sessions_are_refused_before_descriptors_run_out(corral):  # type: i
     assert "Too many open files" not in c.log()
     st = status(c)
     assert st["fds"] <= st["fds_limit"] == limit
+
+
+def test_spawns_failing_for_lack_of_descriptors_are_not_charged_to_the_session(tmp_path):  # type: ignore[no-untyped-def]
+    # four spawns fail with EMFILE, more than restart_intensity (1): before, the session was
+    # quarantined for 10 minutes and its next worker demoted to SCHED_IDLE
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.spawn_faults", "emfile", str(tmp_path / "state")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["failed"] == 4
+    assert result["ended"] and result["texts"] == ["hello"]
+    assert result["recent"] == 0
+    assert result["quarantined"] is None
+    assert result["restarts"] == 0
+    assert not result["demoted"] and not result["sched_idle"]
+    assert result["failures_now"] == 0
