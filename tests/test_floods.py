@@ -111,6 +111,10 @@ def test_reply_finished_during_a_supervisor_stall_is_delivered(corral):  # type:
     assert body["status"] == "done", body
     assert [r["text"] for r in body["replies"]] == ["finished"]
     assert c.metrics()['corral_worker_exits_total{reason="turn_timeout"}'] == 0
+    # the zygote's health ping, unanswered at its deadline only because we were stopped,
+    # did not get the zygote replaced
+    status = json.loads(c.cli("status", "--json").stdout)
+    assert status["zygotes_replaced"] == 0
 
 
 def test_hung_turn_after_a_supervisor_stall_is_still_stopped(corral):  # type: ignore[no-untyped-def]
