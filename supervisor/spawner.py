@@ -188,8 +188,10 @@ class Spawner:
             request = self._queue.popleft()
             if request.fd is not None:
                 request.fd.close()
+                request.fd = None
             if not request.answer.done():
                 request.answer.set_exception(error)
+            request.sent.set()
         self._in_flight.clear()
         # its workers die with it (parent-death signal) and nobody will report how: their
         # reaps learn it now, not after a timeout
@@ -237,7 +239,7 @@ class Spawner:
             else:
                 if request.fd is not None:
                     self._in_flight.add(request.seq)
-                request.sent.set()
+            request.sent.set()  # sent, or failed: either way its answer is what to wait for
             self._queue.popleft()
             if request.fd is not None:
                 request.fd.close()  # the zygote has its own copy now
@@ -312,12 +314,13 @@ class Spawner:
             lambda seq: spawn.encode(spawn.Spawn(seq=seq, session=session, idle=idle)), theirs
         )
         try:
-            async with asyncio.timeout(SPAWN_QUEUE_TIMEOUT):
-                await request.sent.wait()
-            async with asyncio.timeout(SPAWN_TIMEOUT):
-                pid, pidfd = await request.answer
-        except TimeoutError:
-            raise SpawnError(f"the zygote did not answer within {SPAWN_TIMEOUT:g}s") from None
+            if not await within(SPAWN_QUEUE_TIMEOUT, request.sent.wait()):
+                raise SpawnError(
+                    f"the spawn request waited more than {SPAWN_QUEUE_TIMEOUT:g}s to be sent"
+                )
+            if not await within(SPAWN_TIMEOUT, asyncio.shield(request.answer)):
+                raise SpawnError(f"the zygote did not answer within {SPAWN_TIMEOUT:g}s")
+            pid, pidfd = request.answer.result()
         except BaseException:
             ours.close()
             raise
