@@ -349,11 +349,17 @@ class Spawner:
         """Ping the zygote; one that does not answer (dead, SIGSTOPped, wedged) is killed,
         and the next spawn starts a new one. Its workers die with it: their turns run again."""
         while True:  # ends when cancelled at close
-            await asyncio.sleep(PING_INTERVAL)
-            if self.starting or self._sock is None:
+            await asyncio.sleep(PING_INTERVAL + self.backoff())
+            if self.starting:
                 continue
-            if not await self.ping() and self._sock is not None:
+            if self._sock is not None and not await self.ping() and self._sock is not None:
                 self.replace(f"the zygote did not answer a health ping within {PING_TIMEOUT:g}s")
+            if self._sock is None:  # dead or replaced: a new one now, not at the next spawn
+                try:
+                    await self.ensure_started()
+                except (SpawnError, OSError, TimeoutError) as e:
+                    self.failures += 1
+                    log.error("cannot start a new zygote: %s", e)
 
     def replace(self, why: str) -> None:
         """Give up on the current zygote: SIGKILL it (a stopped one too); the next spawn

@@ -195,3 +195,16 @@ def test_spawns_failing_for_lack_of_descriptors_are_not_charged_to_the_session(t
     assert result["restarts"] == 0
     assert not result["demoted"] and not result["sched_idle"]
     assert result["failures_now"] == 0
+
+
+def test_a_dead_zygote_is_replaced_before_anyone_needs_it(corral):  # type: ignore[no-untyped-def]
+    c = corral()
+    assert c.texts("idle", "hello") == ["hello"]
+    old = status(c)["zygote_pid"]
+    os.kill(old, signal.SIGKILL)
+    new = wait_for(lambda: (pid := status(c)["zygote_pid"]) not in (None, old) and pid)
+    assert psutil.Process(new).is_running()
+    metrics = c.metrics()
+    assert metrics['corral_worker_exits_total{reason="zygote_lost"}'] == 1  # its idle worker
+    assert metrics['corral_worker_exits_total{reason="crashed"}'] == 0
+    assert c.texts("idle", "again") == ["again"]
