@@ -65,7 +65,7 @@ class FrameStream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        return False  # close the transport
+        return True  # half-closed, as StreamReader leaves it: Worker.close closes it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
