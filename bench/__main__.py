@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import (
     durability,
+    floods,
     isolation,
     reaction,
     report,
@@ -36,6 +37,7 @@ from bench.servers import REPO, RUN_ID, stop_all
 
 BENCHMARKS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "isolation": isolation.run,
+    "floods": floods.run,
     "reaction": reaction.run,
     "spawn": spawn.run,
     "throughput": throughput.run,

@@ -102,3 +102,28 @@ def timed(turn: Any, ctx: Any) -> None:
 def pid_of(turn: Any, ctx: Any) -> None:
     """Replies with the worker's PID (handy when poking at a bench server by hand)."""
     ctx.reply(str(os.getpid()))
+
+
+def frame_flood(turn: Any, ctx: Any) -> None:
+    """Floods the supervisor with small frames, then replies:
+
+    logs N        N empty log frames as fast as the socket takes them
+    progress N    N progress frames
+    logs-forever  log frames until the supervisor stops the worker
+    anything else is echoed
+    """
+    from corral.protocol import frames
+
+    word, _, arg = turn.text.strip().partition(" ")
+    empty = frames.Log(level=20, logger="", message="")
+    match word:
+        case "logs":
+            for _ in range(int(arg)):
+                ctx._conn.send(empty)
+        case "progress":
+            for _ in range(int(arg)):
+                ctx.progress()
+        case "logs-forever":
+            while True:  # ends when the supervisor stops the worker (output_limit)
+                ctx._conn.send(empty)
+    ctx.reply(turn.text)

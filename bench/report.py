@@ -296,8 +296,44 @@ def sandbox(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def floods(r: dict[str, Any]) -> list[str]:
+    c = r["fault_free"]
+    rows = [["", "bystander p50 / p99", "ratio p99", "loop lag p99 / max", "goal"]]
+    rows.append(
+        [
+            "no flood",
+            f"{_n(c['p50_ms'], ' ms')} / {_n(c['p99_ms'], ' ms')}",
+            "",
+            f"{_n(c.get('loop_lag_p99_ms'), ' ms')} / {_n(c.get('loop_lag_max_ms'), ' ms')}",
+            "",
+        ]
+    )
+    for kind in ("log", "progress"):
+        f = r.get(f"{kind}_flood")
+        if f is None:
+            continue
+        met = None if f["ratio_p99"] is None else f["ratio_p99"] <= r["goal_ratio_p99"]
+        rows.append(
+            [
+                f"{r['flooding_sessions']}x {kind} flood",
+                f"{_n(f['p50_ms'], ' ms')} / {_n(f['p99_ms'], ' ms')}",
+                _n(f["ratio_p99"]),
+                f"{_n(f.get('loop_lag_p99_ms'), ' ms')} / {_n(f.get('loop_lag_max_ms'), ' ms')}",
+                _verdict(met, f"<= {r['goal_ratio_p99']:g}"),
+            ]
+        )
+    return [
+        f"1b. Frame floods: {r['bystanders']} bystanders echo in a closed loop, "
+        f"{r['seconds_per_phase']:g} s per phase; {r['flooding_sessions']} sessions send "
+        "60,000 empty log (or progress) frames per turn, turn after turn",
+        *_table(rows),
+        f"   frames dropped past frame_rate: {r.get('frames_dropped', {})}",
+    ]
+
+
 SECTIONS = {
     "isolation": isolation,
+    "floods": floods,
     "reaction": reaction,
     "spawn": spawn,
     "throughput": throughput,

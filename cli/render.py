@@ -175,10 +175,13 @@ def status_fields(st: Status) -> list[str]:
             "config": st.config or "(none: built-in defaults)",
             "agent": st.agent,
             "state dir": st.state_dir,
-            "zygote pid": st.zygote_pid or "-",
+            "zygote pid": f"{st.zygote_pid or '-'}"
+            + (f" ({st.zygotes_replaced} replaced: no answer)" if st.zygotes_replaced else "")
+            + (f"; {st.spawn_failures} spawns failed in a row" if st.spawn_failures else ""),
             "sessions": f"{st.sessions} ({workers})",
             "inbox": st.inbox,
             "store": st.store,
+            "descriptors": f"{st.fds} of {st.fds_limit}" if st.fds_limit else "-",
             "loop lag": f"{st.loop_lag * 1000:.1f}ms "
             f"(max {st.loop_lag_max * 1000:.1f}ms in the last minute)",
             "sandbox": sandbox_line(st.sandbox),

@@ -108,6 +108,10 @@ class Status(msgspec.Struct, kw_only=True):
     loop_lag: float  # seconds, the last measurement
     loop_lag_max: float  # seconds, the largest in the last minute
     kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
+    fds: int = 0  # file descriptors the supervisor has open
+    fds_limit: int = 0  # its RLIMIT_NOFILE; new sessions are refused near it
+    zygotes_replaced: int = 0  # zygotes killed for not answering a health ping
+    spawn_failures: int = 0  # spawns that failed in a row (the supervisor's trouble)
     pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
     config: str = ""  # the config file serve read; "": none, the built-in defaults
     store: str = "ok"  # or why the store cannot write (a full disk), or is lost

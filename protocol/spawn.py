@@ -71,7 +71,17 @@ class Spawn(msgspec.Struct, tag="spawn", frozen=True):
     idle: bool = False  # start at SCHED_IDLE: the session broke a bound recently
 
 
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    """A health check: a zygote that does not answer in time is replaced."""
+
+    seq: int
+
+
 # zygote -> supervisor
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    seq: int
+
+
 class Ready(msgspec.Struct, tag="ready", frozen=True):
     pid: int
     sandbox: SandboxLevel | None = None
@@ -93,9 +103,11 @@ class Exited(msgspec.Struct, tag="exited", frozen=True):
     oom_killed: bool = False  # the kernel killed it at its cgroup's memory.max
 
 
-ZygoteMessage = Ready | Spawned | SpawnFailed | Exited
+ZygoteMessage = Ready | Spawned | SpawnFailed | Exited | Pong
+Request = Spawn | Ping
 
 encode = msgspec.msgpack.Encoder().encode
 zygote_decoder = msgspec.msgpack.Decoder(ZygoteMessage)
 spawn_decoder = msgspec.msgpack.Decoder(Spawn)
+request_decoder = msgspec.msgpack.Decoder(Request)
 settings_decoder = msgspec.msgpack.Decoder(WorkerSettings)

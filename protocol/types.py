@@ -27,6 +27,9 @@ class ExitReason(StrEnum):
     EVICTED = "evicted"
     RELOAD = "reload"  # retired after a reload changed what workers start with
     TASKS_LIMIT = "tasks_limit"  # too many processes or threads in the worker's tree
+    # the zygote that forked it died or was replaced: not the session's fault, the turn
+    # runs again
+    ZYGOTE_LOST = "zygote_lost"
 
 
 EXIT_REASONS: Final = tuple(ExitReason)

@@ -65,6 +65,9 @@ class LimitsConfig(_Section):
     restart_period: Duration = Duration(60)
     quarantine: Duration = Duration(600)
     max_tasks: PositiveInt = 512  # processes + threads in a worker's tree
+    # log and progress frames per second per worker; past it they are dropped and counted,
+    # and a worker that keeps flooding for FLOOD_SECONDS is stopped (output_limit)
+    frame_rate: PositiveInt = 100
 
 
 class HttpChannelConfig(_Section):

@@ -86,8 +86,9 @@ class CrashLoops:
             return None
 
     async def count_failure(self, key: str) -> float | None:
-        """One more failure in the session's window (an abnormal exit, or a worker that
-        could not start); the quarantine end if the window passed restart_intensity."""
+        """One more failure in the session's window (an abnormal exit; a worker that could
+        not start is the supervisor's trouble and never counted); the quarantine end if the
+        window passed restart_intensity."""
         period = float(self.limits.restart_period)
         exits = self._exits[key] = window(self._exits.get(key, []), time.monotonic(), period)
         if len(exits) <= self.limits.restart_intensity or self.quarantined(key) is not None:

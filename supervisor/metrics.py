@@ -129,6 +129,19 @@ class Metrics:
         self.dead_letters = Counter(
             "corral_dead_letters", "Replies given up on", ["channel"], registry=r
         )
+        self.frames_dropped = Counter(
+            "corral_frames_dropped",
+            "Log and progress frames dropped past [limits] frame_rate",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("log", "progress"):
+            self.frames_dropped.labels(kind)
+        self.spawn_failures = Counter(
+            "corral_spawn_failures",
+            "Worker spawns that failed for the supervisor's own reasons (not charged to sessions)",
+            registry=r,
+        )
         self.inbox_depth = Gauge(
             "corral_inbox_depth", "Accepted messages whose turn has not ended", registry=r
         )

@@ -30,6 +30,7 @@ from corral.supervisor.channels.telegram_wiring import TelegramWiring
 from corral.supervisor.config import Config, LimitsConfig
 from corral.supervisor.crashloop import CrashLoops
 from corral.supervisor.delivery import Outbox
+from corral.supervisor.fds import Descriptors
 from corral.supervisor.inbox import Inbox
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.procthread import ProcThread
@@ -58,6 +59,10 @@ class QueueFull(Exception):
     """The session already has max_queue messages waiting."""
 
 
+class TooManySessions(QueueFull):
+    """No new session now: the supervisor is short of file descriptors (a 429 too)."""
+
+
 class IdConflict(Exception):
     """A client id was used before for a message of another session."""
 
@@ -84,6 +89,7 @@ class Supervisor:
         # workers of a zygote replaced by a reload, and that zygote: retired after their turn
         self.old_spawner_of: dict[Worker, Spawner] = {}
         self.metrics.registry.register(sandbox.LevelCollector(lambda: self.spawner.sandbox))
+        self.fds = Descriptors()
         self.procs = ProcThread()
         self.tasks = Tasks()
         self.services = Services(on_fatal=self.give_up)
@@ -121,6 +127,7 @@ class Supervisor:
     async def start(self) -> None:
         """Open the store, start the zygote, and re-queue what the last run left unfinished."""
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.fds.raise_limit()  # before the store, the zygote and any worker open theirs
         await self.store.open()
         procfs.become_subreaper()  # a dead zygote's orphans come to us (see Watchdog)
         await self.use_cgroups()
@@ -139,6 +146,7 @@ class Supervisor:
         for name, channel in self.outbox.channels.items():
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)
+        self.services.start("zygote health", self.spawner.watch)
         self.services.start("loop lag", self.lag.run)
         if self.telegram is not None:
             self.telegram.start()
@@ -244,6 +252,10 @@ class Supervisor:
                 raise QueueFull(f"session {session} has {len(s.queue)} messages waiting")
             accepted = Accepted(first, True)
         else:
+            if s is None or (s.worker is None and not s.has_slot and not s.queue):
+                # a new worker: refused while descriptors are short, before they run out
+                if (why := self.fds.take_new_session()) is not None:
+                    raise TooManySessions(why)
             accepted = await self.inbox.accept(session, text, origin, client_id)
         if accepted.duplicate:
             first = accepted.message
@@ -334,6 +346,10 @@ class Supervisor:
             self.dispatch(s)
 
     async def spawn(self, s: Session) -> Worker | None:
+        if delay := self.spawner.backoff():  # spawns keep failing: do not spin
+            await asyncio.sleep(delay)
+            if self.draining:
+                return None
         recent = self.crashloops.recent(s.key)
         spawner = self.spawner
         try:
@@ -341,8 +357,13 @@ class Supervisor:
             # its worker gives way to every well-behaved one
             spawned = await spawner.spawn(s.key, idle=bool(recent))
         except Exception as e:  # SpawnError, a timeout, or descriptors running out
-            log.error("session %s: cannot start a worker: %s", s.key, e)
-            await self.crashloops.count_failure(s.key)
+            # the supervisor's trouble, not the session's: no restart counted, no backoff or
+            # SCHED_IDLE for it; its messages wait in its queue for the next try
+            self.metrics.spawn_failures.inc()
+            n = self.spawner.failures
+            if n & (n - 1) == 0:  # 1, 2, 4, 8 ... failures in a row: logged, not each one
+                log.error("cannot start workers (%d failures in a row): %s", n, e)
+            log.debug("session %s: cannot start a worker: %s", s.key, e)
             return None
         grace = float(self.config.supervisor.kill_grace)
         cgroup_workers = self.delegation.workers if self.delegation else None
@@ -367,7 +388,11 @@ class Supervisor:
         """The worker is dead: how it ended, counted."""
         spawner = self.old_spawner_of.get(w, self.spawner)
         exited = await spawner.exit_status(w.pid, timeout=REAP_TIMEOUT)
-        exit = w.exit or describe_exit(exited, spawner.settings.memory_max)
+        if w.exit is None and exited is None and spawner.lost(w.zygote):
+            # it died with its zygote (a parent-death signal): not the session's doing
+            exit = Exit(ExitReason.ZYGOTE_LOST, "the zygote that forks workers was lost")
+        else:
+            exit = w.exit or describe_exit(exited, spawner.settings.memory_max)
         self.metrics.worker_exits.labels(exit.reason).inc()
         if self.old_spawner_of.pop(w, None) is not None:
             self.stop_if_unused(spawner)

@@ -31,6 +31,49 @@ worker_log = logging.getLogger("corral.worker")
 FRAME_COST = 16  # bytes charged per log or progress frame, so empty ones are not free
 NEAR_BOUND = 0.8  # a turn whose own figures pass this share of a bound is measured at its end
 MAX_STARTS = 2  # a message whose turn was started this often without ending is not run again
+FRAME_BURST = 2.0  # seconds of frame_rate a worker may send at once before frames are dropped
+FLOOD_SECONDS = 10.0  # a worker dropping frames this long without a break is stopped
+FLOOD_BREAK = 1.0  # seconds without a drop that end a flood
+# A deadline timer that runs this late ran on a loop that was stalled (SIGSTOP, a swapped-out
+# host): what the worker wrote meanwhile is still unread, so the deadline is checked again
+# once the loop has read it.
+STALLED = 0.5
+DEADLINE_RECHECK = 0.05  # seconds between re-checks of a deadline whose worker has unread frames
+DEADLINE_GRACE = 2.0  # seconds past a deadline that unread frames may hold off the stop
+
+
+class FrameRate:
+    """A token bucket for one worker's log and progress frames: `frame_rate` per second,
+    FRAME_BURST seconds' worth at once. What goes past it is dropped and counted."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = rate * FRAME_BURST
+        self.at = now
+        self.dropped = 0
+        self.flood_since: float | None = None  # first drop of the current flood
+        self.last_drop = 0.0
+
+    def admit(self, now: float) -> bool:
+        self.tokens = min(self.rate * FRAME_BURST, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.flood_since is not None and now - self.last_drop > FLOOD_BREAK:
+            self.flood_since = None
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.dropped += 1
+        self.last_drop = now
+        if self.flood_since is None:
+            self.flood_since = now
+        return False
+
+    @property
+    def flooding(self) -> bool:
+        return self.flood_since is not None
+
+    def flooding_for(self, now: float) -> float:
+        return 0.0 if self.flood_since is None else now - self.flood_since
 
 
 @dataclass(eq=False)
@@ -46,6 +89,7 @@ class ActiveTurn:
     next_index: int = 0  # index of the next reply
     note: str | None = None  # the last progress note (`corral send --wait` shows it)
     timer: asyncio.TimerHandle | None = None
+    deadline_passed: float | None = None  # loop time a deadline was first found passed
 
 
 class Turns:
@@ -109,10 +153,10 @@ class Turns:
         t = w.turn
         match frame:
             case frames.Log(level=level, logger=logger, message=text):
-                worker_log.log(
-                    level, "[%s] %s: %s", w.session, logger, text, extra={"session": w.session}
-                )
-                self.charge(w, FRAME_COST + len(logger) + len(text))
+                if self.charge(w, FRAME_COST + len(logger) + len(text)) and self._admit(w, "log"):
+                    worker_log.log(
+                        level, "[%s] %s: %s", w.session, logger, text, extra={"session": w.session}
+                    )
                 return
             case frames.Hello():
                 raise frames.FrameError("a second hello frame")
@@ -128,7 +172,7 @@ class Turns:
                     t.next_index += 1
                     self.inbox.reply(t.message, t.next_index - 1, text, REPLY)
             case frames.Progress(note=note):
-                if self.charge(w, FRAME_COST + len(note)):
+                if self.charge(w, FRAME_COST + len(note)) and self._admit(w, "progress"):
                     t.last_progress = loop.time()
                     t.note = note or t.note
             case frames.Done(error=error, peak_rss=peak_rss, turn_cpu=turn_cpu):
@@ -164,7 +208,33 @@ class Turns:
         w.stop(ExitReason.OUTPUT_LIMIT, detail)
         return False
 
-    def _arm_deadline(self, w: Worker) -> None:
+    def _admit(self, w: Worker, kind: str) -> bool:
+        """Whether a log or progress frame is within the worker's frame_rate; a frame past
+        it is dropped and counted, and a flood that does not let up stops the worker."""
+        now = asyncio.get_running_loop().time()
+        if w.frame_rate is None:
+            w.frame_rate = FrameRate(float(self.limits.frame_rate), now)
+        rate = w.frame_rate
+        if rate.admit(now):
+            return True
+        self.metrics.frames_dropped.labels(kind).inc()
+        if rate.dropped == 1 or rate.flood_since == now:
+            log.warning(
+                "session %s: worker %d sends more than %d log and progress frames a second; "
+                "dropping the excess",
+                w.session,
+                w.pid,
+                self.limits.frame_rate,
+            )
+        if rate.flooding_for(now) >= FLOOD_SECONDS:
+            w.stop(
+                ExitReason.OUTPUT_LIMIT,
+                f"output limit exceeded (more than {self.limits.frame_rate} log and progress "
+                f"frames a second for {FLOOD_SECONDS:g}s; {rate.dropped} dropped)",
+            )
+        return False
+
+    def _arm_deadline(self, w: Worker, when: float | None = None) -> None:
         """Stop the worker if a deadline has passed; else arm the turn's one timer for the
         nearer of the turn and no-progress deadlines (re-checked when it fires, so
         progress in between moves it on)."""
@@ -176,12 +246,29 @@ class Turns:
         limits = t.limits
         turn_deadline = t.started + float(limits.turn_timeout)
         progress_deadline = t.last_progress + float(limits.no_progress_timeout)
-        if now >= turn_deadline:
+        if now >= min(turn_deadline, progress_deadline) and self._hold_off(w, t, now, when):
+            t.timer = loop.call_at(now + DEADLINE_RECHECK, self._arm_deadline, w, None)
+        elif now >= turn_deadline:
             w.stop(ExitReason.TURN_TIMEOUT, f"turn took longer than {secs(limits.turn_timeout)}")
         elif now >= progress_deadline:
             w.stop(ExitReason.NO_PROGRESS, f"no progress for {secs(limits.no_progress_timeout)}")
         else:
-            t.timer = loop.call_at(min(turn_deadline, progress_deadline), self._arm_deadline, w)
+            t.deadline_passed = None
+            at = min(turn_deadline, progress_deadline)
+            t.timer = loop.call_at(at, self._arm_deadline, w, at)
+
+    @staticmethod
+    def _hold_off(w: Worker, t: ActiveTurn, now: float, when: float | None) -> bool:
+        """Whether a passed deadline waits for a re-check: the loop itself was stalled when
+        it fired, or the worker wrote frames not read yet (its Done may be among them). A
+        deadline must not end a turn whose end is already in the socket; but it is held
+        off DEADLINE_GRACE at most, so a worker cannot keep it away by writing."""
+        if t.deadline_passed is None:
+            t.deadline_passed = now
+        if now - t.deadline_passed >= DEADLINE_GRACE:
+            return False
+        stalled = when is not None and now - when >= STALLED
+        return stalled or (w.stream is not None and w.stream.pending())
 
     async def end(self, w: Worker, error: str | None) -> None:
         """The worker said the turn is done (with an error, or not)."""
@@ -205,6 +292,15 @@ class Turns:
         if exit.reason is ExitReason.DRAIN:
             t.session.queue.appendleft(t.message)
             await self.inbox.undo_start(t.message)
+            return
+        if exit.reason is ExitReason.ZYGOTE_LOST:
+            # not the session's doing: the turn runs again on a new worker. Its attempt
+            # counts, so a message that takes the zygote down each time is answered with
+            # an error after MAX_STARTS instead of running forever.
+            log.warning(
+                "session %s: its worker died with the zygote; its turn runs again", w.session
+            )
+            t.session.queue.appendleft(t.message)
             return
         text = f"turn stopped: {exit.detail} [{exit.reason}]"
         await self.inbox.fail(t.message, t.next_index, text)

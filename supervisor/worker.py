@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 from corral.protocol import frames, spawn
 from corral.protocol.types import ExitReason, SessionState
 from corral.supervisor import cgroups, proctree
+from corral.supervisor.frameread import FrameStream
 from corral.supervisor.procthread import ProcThread
 from corral.supervisor.proctree import TreeSample
 from corral.supervisor.services import within
 from corral.supervisor.spawner import Spawned
 
 if TYPE_CHECKING:
-    from corral.supervisor.turns import ActiveTurn
+    from corral.supervisor.turns import ActiveTurn, FrameRate
 
 log = logging.getLogger("corral.supervisor")
 
@@ -40,6 +41,14 @@ AFTER_DEATH = 1.0  # seconds to read what a dead worker wrote (a stray may hold 
 DEATH_AFTER_EOF = 3.0
 SURVIVE_SIGKILL = 5.0  # seconds past kill_grace after which a worker is given up on
 QUIET_REASONS = (ExitReason.IDLE, ExitReason.EVICTED, ExitReason.DRAIN, ExitReason.RELOAD)
+FRAMES_PER_PASS = 64  # frames of one worker handled before the loop is yielded
+PASS_SECONDS = 0.002  # or this much time, whichever comes first
+# a worker flooding past its frame_rate waits this long between passes, and handles frames
+# at twice its frame_rate (FLOOD_FRAMES_PER_PASS at least): the excess is still seen
+# (dropped, counted, and at length the worker stopped), while the rest of its flood stays
+# in its socket (it blocks writing) instead of costing the loop
+FLOOD_PAUSE = 0.04
+FLOOD_FRAMES_PER_PASS = 8
 
 
 def mib(n: float, up: bool = False) -> str:
@@ -93,6 +102,7 @@ class Worker:
         self.pidfd: int | None = spawned.pidfd
         self.sock = spawned.sock
         self.spawn_seconds = spawned.seconds
+        self.zygote = spawned.zygote  # the generation of the zygote that forked it
         self.procs = procs
         self.kill_grace = kill_grace
         self.cgroup_workers = cgroup_workers
@@ -102,12 +112,14 @@ class Worker:
         self.reaped = asyncio.Event()
         self.exit: Exit | None = None  # set when the supervisor ends it
         self.turn: ActiveTurn | None = None  # written by Turns only
+        self.frame_rate: FrameRate | None = None  # written by Turns only
         self.sample: TreeSample | None = None
         self.sampled_at = 0.0
         self.between_cpu_base: float | None = None  # the tree's CPU when last seen idle
         self.idle_output = 0  # bytes of frames since the last turn began
         self.demoted = False  # runs SCHED_IDLE
-        self.writer: asyncio.StreamWriter | None = None
+        self.writer: asyncio.WriteTransport | None = None
+        self.stream: FrameStream | None = None  # set by serve
         self._kill_timer: asyncio.TimerHandle | None = None
         self._read_scope: asyncio.Timeout | None = None
         loop.add_reader(self.pidfd, self._exited)
@@ -243,11 +255,21 @@ async def serve(
 ) -> None:
     """Read the worker's frames until it ends, then wait (bounded) for its death."""
     decoder = frames.decoder_for_worker_frames()
+    loop = asyncio.get_running_loop()
     try:
-        reader, w.writer = await asyncio.open_unix_connection(sock=w.sock)
-        async with asyncio.timeout(HELLO_TIMEOUT) as scope:
-            w._read_scope = scope
-            hello = await frames.read_frame_async(reader, decoder, max_frame)
+        stream = w.stream = await FrameStream.connect(w.sock, decoder, max_frame)
+        w.writer = stream.transport
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT) as scope:
+                w._read_scope = scope
+                hello = await stream.next_frame()
+        except TimeoutError:
+            if w.dead.is_set() or not stream.pending():
+                raise
+            # the loop was stalled (SIGSTOP) with the hello unread: read it now
+            async with asyncio.timeout(AFTER_DEATH) as scope:
+                w._read_scope = scope
+                hello = await stream.next_frame()
         if not isinstance(hello, frames.Hello) or hello.version != frames.PROTOCOL_VERSION:
             raise frames.FrameError(
                 f"expected a hello frame of version {frames.PROTOCOL_VERSION}, got {hello!r}"
@@ -257,11 +279,24 @@ async def serve(
             on_ready()
         async with asyncio.timeout(None) as scope:
             w._read_scope = scope
+            handled, budget, pass_end = 0, FRAMES_PER_PASS, loop.time() + PASS_SECONDS
             while True:  # ends at EOF, a bad frame, or a second after the worker died
-                frame = await frames.read_frame_async(reader, decoder, max_frame)
+                frame = await stream.next_frame()
                 if frame is None:
                     break
                 await on_frame(frame)
+                handled += 1
+                # a worker's buffered frames are handled a budget at a time, then every
+                # other task gets the loop: a flood delays the flooder only
+                if handled >= budget or loop.time() >= pass_end:
+                    rate = w.frame_rate
+                    if rate is not None and rate.flooding:
+                        await asyncio.sleep(FLOOD_PAUSE)
+                        budget = max(FLOOD_FRAMES_PER_PASS, math.ceil(2 * rate.rate * FLOOD_PAUSE))
+                    else:
+                        await asyncio.sleep(0)
+                        budget = FRAMES_PER_PASS
+                    handled, pass_end = 0, loop.time() + PASS_SECONDS
     except frames.FrameError as e:
         w.stop(ExitReason.PROTOCOL_ERROR, f"the worker broke the protocol ({e})")
     except TimeoutError:

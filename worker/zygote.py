@@ -115,7 +115,8 @@ class Zygote:
             self.sweep_if_due()
 
     def accept(self) -> tuple[spawn.Spawn, int] | tuple[()] | None:
-        """The next spawn request and its socket; () if refused; None: the supervisor is gone.
+        """The next spawn request and its socket; () if refused or a ping (answered here);
+        None: the supervisor is gone.
 
         Only the supervisor can send: the socket is one end of a socketpair it made (the
         peer was checked at start), and every worker closes its copy before anything else.
@@ -123,7 +124,12 @@ class Zygote:
         msg, fds, _, _ = socket.recv_fds(self.sock, spawn.MAX_PACKET, 1)
         if not msg:
             return None
-        request = spawn.spawn_decoder.decode(msg)
+        request = spawn.request_decoder.decode(msg)
+        if isinstance(request, spawn.Ping):  # the supervisor's health check
+            for fd in fds:
+                os.close(fd)
+            self.send(spawn.Pong(seq=request.seq))
+            return ()
         error = "" if len(fds) == 1 else "no socket attached"
         try:
             check_session_key(request.session)  # it becomes paths the worker may write
