@@ -78,7 +78,8 @@ def test_a_hostile_agent_cannot_touch_other_sessions_or_corrals_files(
     # the attacker's own state_dir, temporary directory and transcript still work,
     # and so does every other session
     own = attack(c, "mallory", "own")[0]
-    assert own.startswith(f"ok True {state}/tmp/{worker_pid(c, 'mallory')}/"), own
+    zygote = status(c)["zygote_pid"]
+    assert own.startswith(f"ok True {state}/tmp/{zygote}/{worker_pid(c, 'mallory')}/"), own
     assert attack(c, "mallory", "own")[0].endswith("history 4")
     assert attack(c, "alice", "own")[0].endswith("history 2")
 

@@ -20,6 +20,7 @@ ptrace access, which Landlock denies outside the worker's own tree.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -187,16 +188,18 @@ def _collapse(paths: Iterable[str]) -> list[str]:
 def plan(settings: SandboxSettings, tmp_root: str) -> Plan:
     """The rules for every worker; call after the agent is imported (its modules count).
 
-    `tmp_root` (in corral's state_dir, which workers cannot reach) holds the workers'
-    private temporary directories; what a killed zygote left there is removed first.
+    `tmp_root` (`<state_dir>/tmp/<zygote pid>`, which workers cannot reach) holds this
+    zygote's workers' private temporary directories. Zygotes live side by side for a
+    while (a reload starts the new one before the old one's workers are gone), so each
+    has its own; what a zygote that is no more left behind is removed first.
     """
     abi = landlock.abi() if settings.enabled else 0
     if abi < 1:
         return Plan(abi=0, settings=settings)
-    _remove(tmp_root)
+    _remove_stale(os.path.dirname(tmp_root))
     os.makedirs(tmp_root, mode=0o700)
-    # the private temporary directories of all workers are no one else's
-    hidden = [_real(h) for h in [*settings.hidden, tmp_root] if h]
+    # the private temporary directories of all workers (of every zygote) are no one else's
+    hidden = [_real(h) for h in [*settings.hidden, os.path.dirname(tmp_root)] if h]
     read_only = _carve(_collapse([*_system_paths(), *_python_paths(), *settings.read_only]), hidden)
     read_write = _carve(_collapse(settings.read_write), hidden)
     rules = [(p, READ_ONLY) for p in read_only]
@@ -329,6 +332,19 @@ def forget(plan: Plan | None, pid: int) -> None:
 def remove_all(plan: Plan | None) -> None:
     if plan is not None and plan.tmp_root:
         _remove(plan.tmp_root)
+        with contextlib.suppress(OSError):  # the last zygote out removes the parent too
+            os.rmdir(os.path.dirname(plan.tmp_root))
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove what zygotes that are gone left in `parent` (one directory per zygote pid)."""
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.isdigit() or not os.path.exists(f"/proc/{name}"):
+            _remove(os.path.join(parent, name))
 
 
 def _remove(path: str) -> None:

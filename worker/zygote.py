@@ -85,7 +85,9 @@ class Zygote:
             return
         try:
             # after the agent: its modules count
-            self.sandbox = sandbox.plan(settings.sandbox, os.path.join(settings.state_dir, "tmp"))
+            self.sandbox = sandbox.plan(
+                settings.sandbox, os.path.join(settings.state_dir, "tmp", str(os.getpid()))
+            )
         except OSError as e:
             self.send(spawn.SpawnFailed(seq=0, error=f"sandbox: {e}"))
             return
