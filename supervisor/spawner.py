@@ -82,6 +82,7 @@ class Spawner:
         self.lost_generations: set[int] = set()
         self.failures = 0  # spawns failed in a row, for the backoff
         self.replaced = 0  # zygotes replaced because they stopped answering
+        self.retired = False  # replaced by a reload: never started again
 
     @property
     def starting(self) -> bool:
@@ -128,6 +129,8 @@ class Spawner:
 
     async def ensure_started(self) -> None:
         async with self._starting:
+            if self.retired:  # a reload replaced it: its zygote is not started again
+                raise SpawnError("this zygote was replaced by a reload")
             if self._sock is None:
                 log.warning("zygote is gone; starting a new one")
                 await self.start()
@@ -356,21 +359,26 @@ class Spawner:
         finally:
             self._withdraw(request)
 
-    async def watch(self) -> None:
-        """Ping the zygote; one that does not answer (dead, SIGSTOPped, wedged) is killed,
-        and the next spawn starts a new one. Its workers die with it: their turns run again."""
+    @staticmethod
+    async def watch(current: Callable[[], Spawner]) -> None:
+        """Ping the `current()` zygote (a reload replaces it); one that does not answer
+        (dead, SIGSTOPped, wedged) is killed, and a new one started. Its workers die with
+        it: their turns run again."""
         while True:  # ends when cancelled at close
-            await asyncio.sleep(PING_INTERVAL + self.backoff())
-            if self.starting:
-                continue
-            if self._sock is not None and not await self.ping() and self._sock is not None:
-                self.replace(f"the zygote did not answer a health ping within {PING_TIMEOUT:g}s")
-            if self._sock is None:  # dead or replaced: a new one now, not at the next spawn
-                try:
-                    await self.ensure_started()
-                except (SpawnError, OSError, TimeoutError) as e:
-                    self.failures += 1
-                    log.error("cannot start a new zygote: %s", e)
+            await asyncio.sleep(PING_INTERVAL + current().backoff())
+            await current().check()
+
+    async def check(self) -> None:
+        if self.starting or self.retired:
+            return
+        if self._sock is not None and not await self.ping() and self._sock is not None:
+            self.replace(f"the zygote did not answer a health ping within {PING_TIMEOUT:g}s")
+        if self._sock is None:  # dead or replaced: a new one now, not at the next spawn
+            try:
+                await self.ensure_started()
+            except (SpawnError, OSError, TimeoutError) as e:
+                self.failures += 1
+                log.error("cannot start a new zygote: %s", e)
 
     def replace(self, why: str) -> None:
         """Give up on the current zygote: SIGKILL it (a stopped one too); the next spawn
@@ -393,6 +401,11 @@ class Spawner:
             return None
         finally:
             self._exits.pop(pid, None)
+
+    async def retire(self) -> None:
+        """Stop for good: a reload replaced this spawner, so its zygote is not started again."""
+        self.retired = True
+        await self.stop()
 
     async def stop(self) -> None:
         """Close the zygote's socket: it kills every worker and descendant, then exits."""

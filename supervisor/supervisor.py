@@ -146,7 +146,7 @@ class Supervisor:
         for name, channel in self.outbox.channels.items():
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)
-        self.services.start("zygote health", self.spawner.watch)
+        self.services.start("zygote health", lambda: Spawner.watch(lambda: self.spawner))
         self.services.start("loop lag", self.lag.run)
         if self.telegram is not None:
             self.telegram.start()
@@ -453,7 +453,7 @@ class Supervisor:
 
     def stop_if_unused(self, spawner: Spawner) -> None:
         if spawner is not self.spawner and spawner not in self.old_spawner_of.values():
-            self.tasks.start(spawner.stop(), "stop a replaced zygote")
+            self.tasks.start(spawner.retire(), "stop a replaced zygote")
 
     def retire_stale(self) -> None:
         """After a reload: idle workers of a replaced zygote retire now."""

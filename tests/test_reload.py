@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 import tomllib
 from typing import Any
 
 import psutil
 
+from corral.supervisor.spawner import PING_INTERVAL
 from tests.harness import REPO, Corral, to_toml, wait_for
 
 CHAOS = "corral.worker.agents.chaos:agent"
@@ -146,6 +148,11 @@ def test_a_new_agent_runs_the_next_turn_and_idle_workers_are_retired(corral):
     assert status["zygote_pid"] != old_zygote
     wait_for(lambda: not psutil.pid_exists(old_zygote))
     assert c.texts("erin", "hello") == ["hello"]  # echo: no pid in front any more
+    # the old zygote stays gone: past a few health pings, one zygote is left, the new one
+    time.sleep(3 * PING_INTERVAL)
+    assert c.proc is not None
+    zygotes = [p.pid for p in psutil.Process(c.proc.pid).children() if "zygote" in p.name()]
+    assert zygotes == [status["zygote_pid"]]
 
 
 def test_a_busy_worker_finishes_its_turn_on_the_old_agent_then_the_new_one_runs(corral):
