@@ -26,6 +26,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     # from the store: with `ls --all` and `show` (None where not asked)
     messages: int | None = None  # messages accepted for the session, all time
     last_message_at: float | None = None  # unix time of the last one
+    node: str = ""  # in a cluster: the node that runs it
 
 
 class SessionList(msgspec.Struct):
@@ -90,6 +91,18 @@ class PollerHealth(msgspec.Struct, kw_only=True):
     offset: int | None = None
 
 
+class NodeInfo(msgspec.Struct, kw_only=True):
+    """A node of a cluster, as `corral status` shows it."""
+
+    name: str
+    heartbeat_at: float  # unix time of its last lease renewal
+    started_at: float
+    sessions: int  # leases it holds
+    draining: bool
+    alive: bool
+    pid: int | None = None
+
+
 class Status(msgspec.Struct, kw_only=True):
     pid: int
     version: str
@@ -105,6 +118,8 @@ class Status(msgspec.Struct, kw_only=True):
     loop_lag_max: float  # seconds, the largest in the last minute
     kill_grace: float | None = None  # seconds from SIGTERM to SIGKILL in `corral kill`
     pollers: list[PollerHealth] = msgspec.field(default_factory=list)  # Telegram bots
+    node: str = ""  # in a cluster: this node's name
+    nodes: list[NodeInfo] = msgspec.field(default_factory=list)  # in a cluster: the live nodes
 
 
 class KillResult(msgspec.Struct):

@@ -25,6 +25,7 @@ class ExitReason(StrEnum):
     KILLED = "killed"
     DRAIN = "drain"
     EVICTED = "evicted"
+    LEASE_LOST = "lease_lost"  # a cluster node lost the session's lease: another runs it
 
 
 EXIT_REASONS: Final = tuple(ExitReason)

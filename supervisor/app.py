@@ -17,7 +17,6 @@ from corral.supervisor.channels.http import HttpChannel
 from corral.supervisor.config import Config, ConfigError, split_listen, telegram_tokens
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.metrics import MetricsServer
-from corral.supervisor.nodelock import NodeLock
 from corral.supervisor.sdnotify import Notifier
 from corral.supervisor.spawner import SpawnError
 from corral.supervisor.stores import AnyStore, StoreError, make_store
@@ -106,11 +105,6 @@ async def serve(config: Config) -> int:
         stack.callback(notifier.close)
         stack.push_async_callback(sup.close)
         try:
-            if config.store.url:
-                node_lock = NodeLock(config.store.url)
-                stack.push_async_callback(node_lock.release)
-                await node_lock.acquire()
-                sup.services.start("node lock", node_lock.watch)
             await sup.start()
             stack.push_async_callback(control.stop)
             await control.start()

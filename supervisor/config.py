@@ -108,6 +108,19 @@ class StoreConfig(_Section):
     url: str = ""
 
 
+class ClusterConfig(_Section):
+    """`[cluster]`: only with a PostgreSQL store."""
+
+    node: str = ""  # this node's unique name; default: the host name
+    lease_ttl: Duration = Duration(10)  # a dead node's sessions move on after about this
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.node or socket.gethostname()
+
+
 class Config(_Section):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -116,6 +129,7 @@ class Config(_Section):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     @property
     def state_path(self) -> Path:
@@ -182,8 +196,21 @@ def _validate_store(store: StoreConfig) -> None:
             ) from None
 
 
+_NODE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,100}")
+
+
+def _validate_cluster(cfg: Config) -> None:
+    if cfg.cluster.node and not _NODE_RE.fullmatch(cfg.cluster.node):
+        raise ConfigError(
+            f"cluster.node: expected 1-100 characters of A-Za-z0-9._:@-, got {cfg.cluster.node!r}"
+        )
+    if float(cfg.cluster.lease_ttl) < 1.0:
+        raise ConfigError("cluster.lease_ttl: must be at least 1s")
+
+
 def _validate(cfg: Config) -> None:
     _validate_store(cfg.store)
+    _validate_cluster(cfg)
     if not _ENTRYPOINT_RE.fullmatch(cfg.agent.entrypoint):
         raise ConfigError(
             f'agent.entrypoint: expected "package.module:callable", got {cfg.agent.entrypoint!r}'

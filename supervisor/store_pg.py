@@ -54,6 +54,13 @@ from corral.supervisor.store import (
     Message,
     SessionRecord,
 )
+from corral.supervisor.store_pg_cluster import (
+    DONE_HINT,
+    MESSAGE_HINT,
+    LeaseLost,
+    PgClusterOps,
+    notify,
+)
 from corral.supervisor.store_pg_delivery import PgDeliveryOps
 from corral.supervisor.store_pg_rows import (
     _diagnostic,
@@ -84,12 +91,27 @@ CONNECT_DEFAULTS: Final[dict[str, str | int]] = {
 }
 
 
-class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
+def connect_params(url: str) -> dict[str, Any]:
+    """libpq parameters for `url`, with CONNECT_DEFAULTS where the URL sets none."""
+    try:
+        params: dict[str, Any] = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as e:
+        raise StoreError(f"store.url: not a PostgreSQL URL libpq understands: {e}") from None
+    for key, value in CONNECT_DEFAULTS.items():
+        params.setdefault(key, value)
+    return params
+
+
+class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOps):
     def __init__(self, url: str, durable: bool = True) -> None:
         super().__init__()
         self.url = url
         self.durable = durable
         self.display_url = redact(url)
+        # set by a Cluster: this node's name, and the epoch of each lease it holds,
+        # read by the store thread to fence the writes of a session's turns
+        self.node: str | None = None
+        self.epochs: dict[str, int] = {}
 
     # ---- the engine's connection
 
@@ -124,12 +146,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         return error
 
     def _open_connection(self) -> psycopg.Connection[Any]:
-        try:
-            params = conninfo_to_dict(self.url)
-        except psycopg.ProgrammingError as e:
-            raise StoreError(f"store.url: not a PostgreSQL URL libpq understands: {e}") from None
-        for key, value in CONNECT_DEFAULTS.items():
-            params.setdefault(key, value)
+        params = connect_params(self.url)
         try:
             conn = psycopg.connect(**params, autocommit=True)  # type: ignore[arg-type]
         except psycopg.Error as e:
@@ -199,6 +216,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
                 (message_id, session, text.encode(), _origin_encode(origin).decode(), time.time()),
             ).fetchone()
             if row is not None:
+                _announce(conn, session)
                 return Accepted(
                     Message(id=message_id, session=session, text=text, origin=origin, seq=row[0]),
                     False,
@@ -212,13 +230,23 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         return await self._submit(op)
 
     async def pending(self) -> list[Message]:
-        """Every message whose turn has not ended, in the order accepted."""
+        """Every message whose turn has not ended, in the order accepted; in a cluster,
+        only those of the sessions this node holds the lease of."""
+        node = self.node
 
         def op(conn: psycopg.Connection[Any]) -> list[Message]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages "
-                "WHERE state = 'pending' ORDER BY seq"
-            ).fetchall()
+            if node is None:
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages "
+                    "WHERE state = 'pending' ORDER BY seq"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages "
+                    "WHERE state = 'pending' AND session IN "
+                    "(SELECT session FROM corral.leases WHERE node = %s) ORDER BY seq",
+                    (node,),
+                ).fetchall()
             return [_message(r) for r in rows]
 
         return await self._submit(op)
@@ -229,11 +257,12 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         def op(conn: psycopg.Connection[Any]) -> int:
             row = conn.execute(
                 "UPDATE corral.messages SET attempts = attempts + 1 WHERE id = %s "
-                "RETURNING attempts",
+                "RETURNING attempts, session",
                 (message_id,),
             ).fetchone()
             if row is None:
                 raise KeyError(f"no message {message_id!r}")
+            self._fence(conn, row[1])  # the savepoint rolls the count back if fenced
             return int(row[0])
 
         return await self._submit(op)
@@ -251,10 +280,14 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
 
     async def finish(self, message_id: str, state: str) -> None:
         def op(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(
-                "UPDATE corral.messages SET state = %s, finished_at = %s WHERE id = %s",
+            row = conn.execute(
+                "UPDATE corral.messages SET state = %s, finished_at = %s WHERE id = %s "
+                "RETURNING session",
                 (str(state), time.time(), message_id),
-            )
+            ).fetchone()
+            if row is not None and self.node is not None:
+                self._fence(conn, row[0])
+                notify(conn, DONE_HINT, message_id)
 
         await self._submit(op)
 
@@ -276,6 +309,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
                     (m.id, m.session, m.text.encode(), _origin_encode(m.origin).decode(), now),
                 ).fetchone()
                 if row is not None:
+                    _announce(conn, m.session)
                     message = Message(
                         id=m.id, session=m.session, text=m.text, origin=m.origin, seq=row[0]
                     )
@@ -377,9 +411,18 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         return await self._submit(op)
 
 
+def _announce(conn: psycopg.Connection[Any], session: str) -> None:
+    """A new message: its session gets a lease row (free) to claim, and every node a hint."""
+    conn.execute(
+        "INSERT INTO corral.leases (session) VALUES (%s) ON CONFLICT DO NOTHING", (session,)
+    )
+    notify(conn, MESSAGE_HINT, session)
+
+
 __all__ = [
     "LATEST",
     "MIGRATIONS",
+    "LeaseLost",
     "PgStore",
     "SchemaMismatch",
     "StoreError",

@@ -11,6 +11,7 @@ import msgspec
 import psycopg
 
 from corral.protocol.types import ERROR, Reply, reply_id
+from corral.supervisor.store_pg_cluster import REPLY_HINT, notify
 from corral.supervisor.store_pg_rows import (
     _diagnostic,
 )
@@ -35,9 +36,19 @@ from corral.supervisor.store_rows import (
 
 T = TypeVar("T")
 
+# In a cluster, a node delivers the replies of the sessions it holds and of those no
+# live node holds (an orphaned reply of an idle session); never another owner's.
+OURS = (
+    "AND NOT EXISTS (SELECT 1 FROM corral.leases l WHERE l.session = r.session "
+    "AND l.node IS NOT NULL AND l.node <> %s AND l.expires_at > now())"
+)
+
 
 class PgDeliveryOps:
+    node: str | None
     if TYPE_CHECKING:
+
+        def _fence(self, conn: psycopg.Connection[Any], session: str) -> None: ...
 
         def _submit(self, fn: Callable[[psycopg.Connection[Any]], T]) -> asyncio.Future[T]: ...
 
@@ -87,6 +98,9 @@ class PgDeliveryOps:
             return cur.rowcount > 0
 
         def op(conn: psycopg.Connection[Any]) -> Reply | None:
+            self._fence(conn, message.session)
+            if not push:  # the replies long-poll on every node
+                notify(conn, REPLY_HINT, f"{message.origin.channel}\t{message.session}")
             if insert(conn, reply):
                 return reply
             if kind != ERROR:
@@ -143,8 +157,9 @@ class PgDeliveryOps:
                 "WHERE channel = %s AND delivery = 'pending' AND next_attempt_at <= %s "
                 "AND NOT EXISTS (SELECT 1 FROM corral.replies e "
                 "WHERE e.session = r.session AND e.channel = r.channel "
-                "AND e.delivery = 'pending' AND e.cursor < r.cursor) ORDER BY cursor LIMIT %s",
-                (channel, now, limit),
+                f"AND e.delivery = 'pending' AND e.cursor < r.cursor) {OURS} "
+                "ORDER BY cursor LIMIT %s",
+                (channel, now, self.node or "", limit),
             ).fetchall()
             return [_stored_reply(r) for r in rows]
 
@@ -157,8 +172,8 @@ class PgDeliveryOps:
                 "WHERE channel = %s AND delivery = 'pending' "
                 "AND NOT EXISTS (SELECT 1 FROM corral.replies e "
                 "WHERE e.session = r.session AND e.channel = r.channel "
-                "AND e.delivery = 'pending' AND e.cursor < r.cursor)",
-                (channel,),
+                f"AND e.delivery = 'pending' AND e.cursor < r.cursor) {OURS}",
+                (channel, self.node or ""),
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
@@ -186,10 +201,10 @@ class PgDeliveryOps:
 
         def op(conn: psycopg.Connection[Any]) -> int:
             cur = conn.execute(
-                "UPDATE corral.replies SET delivery = 'dead', "
+                "UPDATE corral.replies r SET delivery = 'dead', "
                 "last_error = 'channel not configured' "
-                "WHERE delivery = 'pending' AND channel <> ALL(%s::text[])",
-                (list(channels),),
+                f"WHERE delivery = 'pending' AND channel <> ALL(%s::text[]) {OURS}",
+                (list(channels), self.node or ""),
             )
             return cur.rowcount
 
