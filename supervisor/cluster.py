@@ -126,8 +126,10 @@ class Cluster:
         """Register this node; raises StoreError if a live node already has its name."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self.ttl + 1
+        last_age: float | None = None
         while (age := await self.store.heartbeat_age(self.node)) is not None and age < self.ttl:
-            if loop.time() > deadline:
+            # a heartbeat that moved on while we waited is a live node's, not a dead run's
+            if loop.time() > deadline or (last_age is not None and age < last_age):
                 raise StoreError(
                     f"cluster.node: another node named {self.node!r} is running on "
                     f"{redact(self.store.url)}: give each node its own cluster.node"
@@ -137,6 +139,7 @@ class Cluster:
                 self.node,
                 self.ttl - age,
             )
+            last_age = age
             await asyncio.sleep(min(self.ttl - age + 0.1, 1.0))
         freed = await self.store.join(self.node, os.getpid())
         if freed:
@@ -201,7 +204,11 @@ class Cluster:
             self.let_go(s)
 
     def forgotten(self, key: str) -> None:
-        """The session has no worker and nothing queued: its lease goes back."""
+        """The session has no worker and nothing queued: its lease goes back, unless its
+        workers failed lately (the restart window is this node's: a crash loop must not
+        escape it by moving on); `sweep` lets go of those later."""
+        if self.sup.crashloops.recent(key):
+            return
         epoch = self.held.pop(key, None)
         self.known.pop(key, None)
         if epoch is None:
@@ -210,6 +217,18 @@ class Cluster:
         task = asyncio.get_running_loop().create_task(self._release({key: epoch}))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+
+    async def sweep(self) -> None:
+        """Let go of held leases of sessions that have nothing here any more."""
+        recent = self.sup.crashloops.recent
+        idle = [k for k in self.held if self.sup.sessions.get(k) is None and not recent(k)]
+        if not idle:
+            return
+        leases = {k: self.held.pop(k) for k in idle}
+        for k in idle:
+            self.known.pop(k, None)
+        self.m_leases.set(len(self.held))
+        await self._release(leases)
 
     async def _release(self, leases: dict[str, int]) -> None:
         try:
@@ -317,6 +336,7 @@ class Cluster:
                 if not self.sup.draining:
                     await self.claim()
                 await self.refresh()
+                await self.sweep()
                 await self.answer_remote_waits()
                 await self.run_commands()
             except (StoreError, StoreClosed, psycopg.Error, TimeoutError) as e:

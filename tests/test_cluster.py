@@ -19,6 +19,7 @@ import pytest
 from tests.harness import Corral, wait_for
 
 HISTORY = "tests.agents:history"
+SLOW_HISTORY = "tests.agents_cluster:slow_history"
 CHAOS = "corral.worker.agents.chaos:agent"
 
 
@@ -139,7 +140,7 @@ def test_release_from_another_node_lifts_a_quarantine(corral, pg_url):
 def test_kill_9_of_a_node_under_load_loses_nothing_and_shows_no_reply_twice(
     corral, pg_url, tmp_path: Path
 ):
-    nodes = start_nodes(corral, pg_url, ["a", "b", "c"], HISTORY)
+    nodes = start_nodes(corral, pg_url, ["a", "b", "c"], SLOW_HISTORY)
     sessions, per_session = 12, 4
     rng = random.Random(12)
     results: dict[str, list[list[str]]] = {f"u{i}": [] for i in range(sessions)}
@@ -238,19 +239,20 @@ def test_a_stopped_node_finds_its_leases_gone_and_writes_nothing(corral, pg_url)
     assert "lease lost" in victim.log() or "stopping its" in victim.log()
 
 
-def test_a_node_cut_from_the_database_stops_its_workers_and_comes_back(corral, pg_url):
+def test_a_node_cut_from_the_database_stops_its_workers_and_comes_back(corral, pg_url, pg_server):
     (a,) = start_nodes(corral, pg_url, ["a"], CHAOS)
     assert a.texts("gina", "echo before") == ["before"]
     status, _ = a.request("POST", "/v1/messages", {"session": "gina", "text": "sleep 8; echo mid"})
     assert status == 202
     wait_for(lambda: "gina" in workers_of(a), timeout=30)
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        dbname = admin.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+    with psycopg.connect(pg_url) as conn:
+        dbname = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+    with pg_server.admin() as admin:
         # the database refuses new connections from the node and drops its current ones
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'corral' AND pid <> pg_backend_pid()"
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (dbname,),
         )
         try:
             wait_for(lambda: "gina" not in workers_of(a), timeout=20)
