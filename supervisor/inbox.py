@@ -113,6 +113,11 @@ class Inbox:
     ) -> Accepted:
         """Store a message durably; a duplicate client id gives back the first one."""
         accepted = await self.store.accept(session, text, origin, client_id)
+        m = accepted.message
+        if accepted.duplicate and m.state == PENDING and m.id not in self._ended:
+            # accepted by another node (of a cluster) that may be gone: ?wait here too
+            self._ended[m.id] = asyncio.get_running_loop().create_future()
+            self.metrics.inbox_depth.inc()
         if not accepted.duplicate:
             self.metrics.accepted.labels(origin.channel).inc()
             self.metrics.inbox_depth.inc()
