@@ -48,6 +48,7 @@ from corral.supervisor.store_pg_cluster import (
     ANSWER_HINT,
     COMMAND_HINT,
     DONE_HINT,
+    MESSAGE_HINT,
     NOTIFY_CHANNEL,
     REPLY_HINT,
     Claimed,
@@ -97,6 +98,7 @@ class Cluster:
         self.last_renewed = 0.0  # loop time of the start of the last successful renewal
         self.node_rows: list[NodeRow] = []  # as of the last renewal
         self._wake = asyncio.Event()
+        self._needs: set[str] = set()  # what the claim loop is asked to do before its poll
         self._answered = asyncio.Event()  # set on a hint that a command was answered
         self._lock = asyncio.Lock()  # claims, renewals and releases, one at a time
         self._releasing: set[asyncio.Task[None]] = set()
@@ -178,9 +180,12 @@ class Cluster:
         """A message accepted here: True if this node runs its session (queue it now);
         else the owner, or whoever claims the session, runs it."""
         if message.session in self.held:
-            self.known.setdefault(message.session, set()).add(message.id)
+            known = self.known.setdefault(message.session, set())
+            if message.id in known:
+                return False  # a refresh on its hint queued it already
+            known.add(message.id)
             return True
-        self._wake.set()
+        self._need("claim")
         return False
 
     def let_go(self, s: Session) -> None:
@@ -287,7 +292,7 @@ class Cluster:
             if self.fenced:
                 self.fenced = False
                 log.warning("node %s: the database answers again: taking work again", self.node)
-                self._wake.set()
+                self._need("claim")
             self.m_nodes.set(sum(1 for n in self.node_rows if n.alive))
             await asyncio.sleep(self.renew_every)
 
@@ -324,24 +329,38 @@ class Cluster:
     # ---- claims, queues, ?wait, commands
 
     async def claim_loop(self) -> None:
-        """A service: every hint and at least every `poll` seconds."""
+        """A service: what a hint asks for at once, everything at least every `poll`
+        seconds (the guarantee: a hint can be lost)."""
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time()
         while True:  # ends when cancelled at close
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll):
+                async with asyncio.timeout(max(0.0, next_poll - loop.time())):
                     await self._wake.wait()
             self._wake.clear()
+            polling = loop.time() >= next_poll
+            if polling:
+                next_poll = loop.time() + self.poll
+            needs, self._needs = self._needs, set()
             if self.fenced:
                 continue
             try:
-                if not self.sup.draining:
+                if not self.sup.draining and (polling or "claim" in needs):
                     await self.claim()
-                await self.refresh()
-                await self.sweep()
-                await self.answer_remote_waits()
-                await self.run_commands()
+                if not self.sup.draining and (polling or "refresh" in needs):
+                    await self.refresh()
+                if polling:
+                    await self.sweep()
+                    await self.answer_remote_waits()
+                if polling or "commands" in needs:
+                    await self.run_commands()
             except (StoreError, StoreClosed, psycopg.Error, TimeoutError) as e:
                 log.warning("node %s: cluster poll failed: %s", self.node, e)
                 await asyncio.sleep(self.poll)
+
+    def _need(self, what: str) -> None:
+        self._needs.add(what)
+        self._wake.set()
 
     async def claim(self) -> None:
         spare = self.sup.config.supervisor.max_workers - len(self.held)
@@ -460,7 +479,8 @@ class Cluster:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                self._wake.set()  # hints sent while it was down are lost: look now
+                self._need("claim")  # hints sent while it was down are lost: look now
+                self._need("refresh")
                 while True:  # ends when the connection fails
                     async for n in conn.notifies(timeout=HINT_HEARTBEAT):
                         self.on_hint(n.payload)
@@ -484,12 +504,18 @@ class Cluster:
                 self.sup.inbox.ended_elsewhere(rest)  # a no-op if it ended here
         elif kind == COMMAND_HINT:
             if rest == self.node:
-                self._wake.set()
+                self._need("commands")
         elif kind == ANSWER_HINT:
             self._answered.set()
             self._answered = asyncio.Event()
-        else:  # a message accepted somewhere, or leases freed
-            self._wake.set()
+        elif kind == MESSAGE_HINT:
+            session, _, message_id = rest.partition("\t")
+            if session not in self.held:
+                self._need("claim")
+            elif message_id not in self.known.get(session, ()):
+                self._need("refresh")  # accepted on another node: queue it here
+        else:  # leases freed: a backlog may be claimable
+            self._need("claim")
 
     # ---- views
 

@@ -216,7 +216,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
                 (message_id, session, text.encode(), _origin_encode(origin).decode(), time.time()),
             ).fetchone()
             if row is not None:
-                _announce(conn, session)
+                _announce(conn, session, message_id)
                 return Accepted(
                     Message(id=message_id, session=session, text=text, origin=origin, seq=row[0]),
                     False,
@@ -309,7 +309,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
                     (m.id, m.session, m.text.encode(), _origin_encode(m.origin).decode(), now),
                 ).fetchone()
                 if row is not None:
-                    _announce(conn, m.session)
+                    _announce(conn, m.session, m.id)
                     message = Message(
                         id=m.id, session=m.session, text=m.text, origin=m.origin, seq=row[0]
                     )
@@ -411,12 +411,12 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
         return await self._submit(op)
 
 
-def _announce(conn: psycopg.Connection[Any], session: str) -> None:
+def _announce(conn: psycopg.Connection[Any], session: str, message_id: str) -> None:
     """A new message: its session gets a lease row (free) to claim, and every node a hint."""
     conn.execute(
         "INSERT INTO corral.leases (session) VALUES (%s) ON CONFLICT DO NOTHING", (session,)
     )
-    notify(conn, MESSAGE_HINT, session)
+    notify(conn, MESSAGE_HINT, f"{session}\t{message_id}")
 
 
 __all__ = [

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 NOTIFY_CHANNEL: Final = "corral"
 # payload prefixes on NOTIFY_CHANNEL (one byte, a space, the rest)
-MESSAGE_HINT: Final = "m"  # a message was accepted for session <rest>
+MESSAGE_HINT: Final = "m"  # message <id> was accepted for session <session>\t<id>
 DONE_HINT: Final = "d"  # the turn of message <rest> ended
 REPLY_HINT: Final = "r"  # a reply to <channel>\t<session> was stored
 FREED_HINT: Final = "f"  # leases were released: a backlog may be claimable
