@@ -105,8 +105,15 @@ async def takeover(bench: Bench, url: str, ttl: str) -> dict[str, Any]:
             if not all(r.done for r in warm):
                 return {"error": "warm-up messages not answered"}
             await asyncio.sleep(bench.plan.settle)
-            victim, survivors = nodes[1], [nodes[0], nodes[2]]
-            owned = [r["session"] for r in await victim.sessions() if r.get("node") == "b"]
+            # the victim: the node that runs the most sessions
+            by_node: dict[str, list[str]] = {}
+            for n in nodes:
+                for row in await n.sessions():
+                    if row.get("node") == n.name.rsplit("-", 1)[-1]:
+                        by_node.setdefault(n.name, []).append(row["session"])
+            victim = max(nodes, key=lambda n: len(by_node.get(n.name, [])))
+            survivors = [n for n in nodes if n is not victim]
+            owned = by_node.get(victim.name, [])
             if not owned:
                 return {"error": "the victim owned no session"}
             assert victim.proc is not None

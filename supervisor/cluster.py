@@ -345,9 +345,10 @@ class Cluster:
             if self.fenced:
                 continue
             try:
+                claimed = False
                 if not self.sup.draining and (polling or "claim" in needs):
-                    await self.claim()
-                if not self.sup.draining and (polling or "refresh" in needs):
+                    claimed = await self.claim()
+                if not self.sup.draining and (polling or claimed or "refresh" in needs):
                     await self.refresh()
                 if polling:
                     await self.sweep()
@@ -362,10 +363,11 @@ class Cluster:
         self._needs.add(what)
         self._wake.set()
 
-    async def claim(self) -> None:
+    async def claim(self) -> bool:
+        """Claim what is free, as far as this node has room; whether it claimed any."""
         spare = self.sup.config.supervisor.max_workers - len(self.held)
         if spare <= 0:
-            return
+            return False
         loop = asyncio.get_running_loop()
         async with self._lock, asyncio.timeout(self.ttl):
             t0 = loop.time()
@@ -376,6 +378,7 @@ class Cluster:
         self.m_leases.set(len(self.held))
         for c in claimed:
             await self.adopt(c)
+        return bool(claimed)
 
     async def adopt(self, c: Claimed) -> None:
         """A session claimed: its record, and its transcript if it ran elsewhere last."""
@@ -511,7 +514,8 @@ class Cluster:
         elif kind == MESSAGE_HINT:
             session, _, message_id = rest.partition("\t")
             if session not in self.held:
-                self._need("claim")
+                self._need("claim")  # or it is being claimed here right now:
+                self._need("refresh")  # then its queue is read after the claim
             elif message_id not in self.known.get(session, ()):
                 self._need("refresh")  # accepted on another node: queue it here
         else:  # leases freed: a backlog may be claimable
