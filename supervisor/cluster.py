@@ -95,6 +95,7 @@ class Cluster:
         self.held = store.epochs  # session -> epoch; the store fences writes with it
         self.known: dict[str, set[str]] = {}  # session -> ids of messages queued here
         self.fenced = False  # every worker stopped; leases to be let go once renewed
+        self.left = False  # the node has left the cluster (the end of a drain)
         self.last_renewed = 0.0  # loop time of the start of the last successful renewal
         self.node_rows: list[NodeRow] = []  # as of the last renewal
         self._wake = asyncio.Event()
@@ -106,7 +107,7 @@ class Cluster:
         self.m_leases = Gauge("corral_cluster_leases", "Session leases this node holds", registry=r)
         self.m_takeovers = Counter(
             "corral_cluster_takeovers",
-            "Sessions claimed from a node whose lease had expired",
+            "Sessions claimed that another node ran last (a dead or a drained node's)",
             registry=r,
         )
         self.m_claim = Histogram(
@@ -164,6 +165,7 @@ class Cluster:
 
     async def leave(self) -> None:
         """The node stops: its leases are free for the others at once."""
+        self.left = True  # no renewal after this: the node's row must stay stale
         self.held.clear()
         try:
             async with asyncio.timeout(5.0):
@@ -268,7 +270,7 @@ class Cluster:
     async def keep_leases(self) -> None:
         """A service: renew, or fence this node before its leases can expire."""
         loop = asyncio.get_running_loop()
-        while True:  # ends when cancelled at close
+        while not self.left:  # ends when the node leaves, or when cancelled at close
             started = loop.time()
             left = self.last_renewed + self.fence_after - started
             try:

@@ -16,7 +16,7 @@ import psutil
 import psycopg
 import pytest
 
-from tests.harness import Corral, wait_for
+from tests.harness import Corral, processes_with_mark, wait_for
 
 HISTORY = "tests.agents:history"
 SLOW_HISTORY = "tests.agents_cluster:slow_history"
@@ -36,14 +36,10 @@ def start_nodes(corral: Any, pg_url: str, names: list[str], agent: str, **kw: An
 
 
 def workers_of(node: Corral) -> dict[str, list[int]]:
-    """The live worker processes of one node, by session (from their process titles)."""
-    assert node.proc is not None
+    """The live worker processes of one node, by session (from their process titles;
+    found by the node's mark, so a worker that outlived its node is found too)."""
     out: dict[str, list[int]] = {}
-    try:
-        children = psutil.Process(node.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return out
-    for p in children:
+    for p in processes_with_mark(node.mark):
         try:
             title = " ".join(p.cmdline())
             if p.status() == psutil.STATUS_ZOMBIE:
@@ -68,7 +64,22 @@ def test_any_node_accepts_and_the_owner_answers_with_the_history_growing(corral,
     assert texts == [["|".join(f"m{j}" for j in range(i + 1))] for i in range(6)]
     # the replies long-poll on either node sees every reply, in order
     assert [r["text"] for r in replies_of(a, "carol")] == [t[0] for t in texts]
-    assert [r["text"] for r in replies_of(b, "carol")] == [t[0] for t in texts]
+    shown = replies_of(b, "carol")
+    assert [r["text"] for r in shown] == [t[0] for t in texts]
+    # a long-poll waiting on one node is answered by a reply the other node's turn made
+    polled: list[Any] = []
+    cursor = shown[-1]["cursor"]
+    path = f"/v1/sessions/carol/replies?after={cursor}&wait=30"
+    waiter = threading.Thread(target=lambda: polled.append(b.request("GET", path)))
+    waiter.start()
+    time.sleep(0.5)
+    owner = next(r["node"] for r in a.ls() if r["session"] == "carol")
+    (b if owner == "a" else a).request(
+        "POST", "/v1/messages", {"session": "carol", "text": "m6"}
+    )  # accepted on the node that does not run carol
+    waiter.join(40)
+    assert polled and polled[0][0] == 200
+    assert [r["text"] for r in polled[0][1]["replies"]] == ["|".join(f"m{j}" for j in range(7))]
 
 
 def test_ls_on_any_node_lists_every_session_with_its_node_and_status_lists_the_nodes(
@@ -98,6 +109,22 @@ def test_ls_on_any_node_lists_every_session_with_its_node_and_status_lists_the_n
     assert sum(n["sessions"] for n in status["nodes"]) == 6
     text = b.cli("status").stdout
     assert "node a" in text and "node b" in text
+    leases = a.metrics()["corral_cluster_leases"] + b.metrics()["corral_cluster_leases"]
+    assert leases == 6
+
+
+def test_a_draining_node_hands_its_sessions_over_without_waiting_for_the_lease(corral, pg_url):
+    # a lease of 60 s: a session moves on within the test only if it is handed over
+    a, b = start_nodes(corral, pg_url, ["a", "b"], HISTORY, ttl="60s")
+    for i in range(4):
+        assert a.texts(f"d{i}", "one") == ["one"]
+    owned_by_a = [r["session"] for r in a.ls() if r["node"] == "a"]
+    assert owned_by_a
+    assert a.stop() == 0
+    for session in owned_by_a:
+        body = b.send(session, "two", wait=20)
+        assert body["status"] == "done", body
+        assert [r["text"] for r in body["replies"]] == ["one|two"]  # its history moved too
 
 
 def test_kill_from_another_node_stops_the_owners_worker_and_the_user_is_told(corral, pg_url):
@@ -170,6 +197,20 @@ def test_kill_9_of_a_node_under_load_loses_nothing_and_shows_no_reply_twice(
     threads = [threading.Thread(target=client, args=(s,)) for s in results]
     for t in threads:
         t.start()
+    samples: list[int] = []
+    sampling = threading.Event()
+
+    def sample() -> None:  # the most live workers any one session has, cluster-wide
+        while not sampling.is_set():  # ends when the test is done sending
+            counts: dict[str, int] = {}
+            for node in nodes:
+                for session, pids in workers_of(node).items():
+                    counts[session] = counts.get(session, 0) + len(pids)
+            samples.append(max(counts.values(), default=0))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     victim = nodes[1]
     owned = wait_for(
         lambda: {r["session"] for r in victim.ls() if r["state"] == "busy"}, timeout=30
@@ -180,6 +221,9 @@ def test_kill_9_of_a_node_under_load_loses_nothing_and_shows_no_reply_twice(
     first_reply.clear()
     for t in threads:
         t.join(300)
+    sampling.set()
+    sampler.join(30)
+    assert samples and max(samples) == 1, f"a session had {max(samples)} live workers"
     assert not errors
     took = time.monotonic() - killed_at
     resumed = [first_reply[s] - killed_at for s in owned if s in first_reply]
