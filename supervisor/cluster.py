@@ -165,7 +165,10 @@ class Cluster:
 
     async def leave(self) -> None:
         """The node stops: its leases are free for the others at once."""
-        self.left = True  # no renewal after this: the node's row must stay stale
+        self.left = True
+        # no renewal and no claim after this: the node's row stays stale
+        self.sup.services.stop("cluster leases")
+        self.sup.services.stop("cluster claims")
         self.held.clear()
         try:
             async with asyncio.timeout(5.0):
@@ -270,7 +273,7 @@ class Cluster:
     async def keep_leases(self) -> None:
         """A service: renew, or fence this node before its leases can expire."""
         loop = asyncio.get_running_loop()
-        while not self.left:  # ends when the node leaves, or when cancelled at close
+        while True:  # ends when cancelled at close, or when the node leaves
             started = loop.time()
             left = self.last_renewed + self.fence_after - started
             try:
