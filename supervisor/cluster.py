@@ -66,6 +66,8 @@ log = logging.getLogger("corral.cluster")
 HINT_HEARTBEAT: Final = 5.0  # seconds between checks that the LISTEN connection is alive
 CONNECT_TIMEOUT: Final = 10.0
 COMMAND_POLL: Final = 0.5
+# pg_try_advisory_lock key of the node that polls Telegram for the cluster ("corral" + 2)
+POLL_LOCK: Final = 0x636F7272616C02
 TRANSCRIPT_LIMIT: Final = 100_000  # messages of a session's history written on takeover
 
 _session_rows = msgspec.msgpack.Encoder()
@@ -162,6 +164,8 @@ class Cluster:
         services.start("cluster leases", self.keep_leases)
         services.start("cluster claims", self.claim_loop)
         services.start("cluster hints", self.hints)
+        if self.sup.telegram is not None:
+            services.start("cluster telegram leader", self.lead_polling)
 
     async def leave(self) -> None:
         """The node stops: its leases are free for the others at once."""
@@ -475,6 +479,47 @@ class Cluster:
 
     async def release_elsewhere(self, key: str, timeout: float) -> bool:
         return bool(msgspec.json.decode(await self.ask_owner("release", key, False, timeout)))
+
+    # ---- singletons
+
+    async def lead_polling(self) -> None:
+        """A service: Telegram allows one poller per bot, so in a cluster only the node
+        holding an advisory lock (on a connection of its own: the lock dies with it)
+        polls; the others wait to take over. A new leader resumes from the offset
+        committed with the last batch; a batch fetched twice is one batch (update ids)."""
+        telegram = self.sup.telegram
+        assert telegram is not None
+        params = connect_params(self.store.url)
+        while True:  # ends when cancelled at close
+            conn: psycopg.AsyncConnection[Any] | None = None
+            polling = False
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
+                while True:  # ends when the connection fails (or cancelled at close)
+                    if self.sup.draining:  # the drain stopped the pollers: hand over
+                        if polling:
+                            polling = False
+                            await conn.execute("SELECT pg_advisory_unlock_all()")
+                        await asyncio.sleep(1.0)
+                        continue
+                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (POLL_LOCK,))
+                        row = await cur.fetchone()
+                    if row and row[0] and not polling:
+                        log.info("node %s: polling Telegram for the cluster", self.node)
+                        telegram.start()
+                        polling = True
+                    await asyncio.sleep(HINT_HEARTBEAT if polling else 1.0)
+            except (psycopg.Error, OSError, TimeoutError) as e:
+                log.warning("node %s: Telegram leadership lost (%s)", self.node, e)
+            finally:
+                if polling:
+                    telegram.stop_polling()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(1.0)
 
     # ---- hints
 

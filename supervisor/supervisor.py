@@ -140,10 +140,10 @@ class Supervisor:
             self.services.start(f"delivery to {name}", channel.run)
         self.services.start("watchdog", self.watchdog.run)
         self.services.start("loop lag", self.lag.run)
-        if self.telegram is not None:
-            self.telegram.start()
         if self.cluster is not None:
-            self.cluster.start()
+            self.cluster.start()  # and Telegram's pollers on the node that leads them
+        elif self.telegram is not None:
+            self.telegram.start()
         for s in self.sessions:
             self.dispatch(s)
 
