@@ -198,7 +198,7 @@ def node_line(n: NodeInfo, now: float | None = None) -> str:
     """One node of a cluster in `corral status`."""
     now = time.time() if now is None else now
     beat = f"{fmt_secs(max(0.0, now - n.heartbeat_at))} ago"
-    state = "draining" if n.draining else "serving"
+    state = "gone" if not n.alive else "draining" if n.draining else "serving"
     return f"{state}, {n.sessions} sessions, last heartbeat {beat}"
 
 

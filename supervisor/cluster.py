@@ -68,6 +68,7 @@ CONNECT_TIMEOUT: Final = 10.0
 COMMAND_POLL: Final = 0.5
 # pg_try_advisory_lock key of the node that polls Telegram for the cluster ("corral" + 2)
 POLL_LOCK: Final = 0x636F7272616C02
+GONE_SHOWN: Final = 3600.0  # seconds a dead node stays in `corral status`
 TRANSCRIPT_LIMIT: Final = 100_000  # messages of a session's history written on takeover
 
 _session_rows = msgspec.msgpack.Encoder()
@@ -583,6 +584,8 @@ class Cluster:
         return out
 
     def nodes(self) -> list[NodeInfo]:
+        """The live nodes, and those that died within the last hour (not those that left)."""
+        recent = time.time() - GONE_SHOWN
         return [
             NodeInfo(
                 name=n.name,
@@ -594,7 +597,7 @@ class Cluster:
                 pid=n.pid,
             )
             for n in self.node_rows
-            if n.alive or n.name == self.node
+            if n.alive or n.name == self.node or (n.heartbeat_at > recent and not n.draining)
         ]
 
 
