@@ -151,6 +151,7 @@ class Cluster:
         if freed:
             log.info("node %s: freed %d leases an earlier run held", self.node, freed)
         self.store.node = self.node
+        self.store.on_lease_lost = lambda key: self.lose(key, "a write of its turn was fenced")
         self.last_renewed = loop.time()
         log.info(
             "node %s joined the cluster (lease_ttl %gs, renewed every %gs, fenced after %gs)",

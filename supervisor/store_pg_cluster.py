@@ -72,8 +72,12 @@ class PgClusterOps:
 
     node: str | None = None
     epochs: dict[str, int]  # session -> the epoch this node holds it with
+    # called on the loop with the session when a write finds the lease gone, before the
+    # write's caller hears of it: the node stops the session's worker first
+    on_lease_lost: Callable[[str], None] | None = None
 
     if TYPE_CHECKING:
+        _loop: asyncio.AbstractEventLoop | None
 
         def _submit(self, fn: Callable[[psycopg.Connection[Any]], T]) -> asyncio.Future[T]: ...
 
@@ -90,6 +94,8 @@ class PgClusterOps:
             ).fetchone()
             if row is not None:
                 return
+        if self.on_lease_lost is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_lease_lost, session)
         raise LeaseLost(f"session {session}: this node no longer holds its lease")
 
     # ---- nodes
