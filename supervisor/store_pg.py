@@ -56,10 +56,11 @@ from corral.supervisor.store import (
 )
 from corral.supervisor.store_pg_cluster import (
     DONE_HINT,
+    LEASE_OF_MESSAGE,
     MESSAGE_HINT,
+    NOTIFY_CHANNEL,
     LeaseLost,
     PgClusterOps,
-    notify,
 )
 from corral.supervisor.store_pg_delivery import PgDeliveryOps
 from corral.supervisor.store_pg_rows import (
@@ -210,13 +211,10 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
         def op(conn: psycopg.Connection[Any]) -> Accepted:
             # insert first: a concurrent insert of the same id on another node makes this
             # wait for that transaction, then do nothing, and the select below finds it
-            row = conn.execute(
-                "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
-                (message_id, session, text.encode(), _origin_encode(origin).decode(), time.time()),
-            ).fetchone()
+            row = _insert_message(
+                conn, message_id, session, text, _origin_encode(origin).decode(), time.time()
+            )
             if row is not None:
-                _announce(conn, session, message_id)
                 return Accepted(
                     Message(id=message_id, session=session, text=text, origin=origin, seq=row[0]),
                     False,
@@ -255,14 +253,15 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
         """Count a start of the message's turn, durably, before it runs; the new count."""
 
         def op(conn: psycopg.Connection[Any]) -> int:
+            # one statement: the count, and the lease as it is (FOR SHARE) to check
             row = conn.execute(
-                "UPDATE corral.messages SET attempts = attempts + 1 WHERE id = %s "
-                "RETURNING attempts, session",
-                (message_id,),
+                f"WITH {LEASE_OF_MESSAGE} UPDATE corral.messages SET attempts = attempts + 1 "
+                "WHERE id = %s RETURNING attempts, session, (SELECT epoch FROM f)",
+                (message_id, self.node or "", message_id),
             ).fetchone()
             if row is None:
                 raise KeyError(f"no message {message_id!r}")
-            self._fence(conn, row[1])  # the savepoint rolls the count back if fenced
+            self._check_epoch(row[1], row[2])  # the savepoint rolls the count back if fenced
             return int(row[0])
 
         return await self._submit(op)
@@ -280,14 +279,24 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
 
     async def finish(self, message_id: str, state: str) -> None:
         def op(conn: psycopg.Connection[Any]) -> None:
+            # one statement: the state, the lease to check and the hint (which a fenced
+            # finish's savepoint takes back with the rest)
             row = conn.execute(
-                "UPDATE corral.messages SET state = %s, finished_at = %s WHERE id = %s "
-                "RETURNING session",
-                (str(state), time.time(), message_id),
+                f"WITH {LEASE_OF_MESSAGE} UPDATE corral.messages SET state = %s, "
+                "finished_at = %s WHERE id = %s "
+                "RETURNING session, (SELECT epoch FROM f), pg_notify(%s, %s)",
+                (
+                    message_id,
+                    self.node or "",
+                    str(state),
+                    time.time(),
+                    message_id,
+                    NOTIFY_CHANNEL,
+                    f"{DONE_HINT} {message_id}",
+                ),
             ).fetchone()
-            if row is not None and self.node is not None:
-                self._fence(conn, row[0])
-                notify(conn, DONE_HINT, message_id)
+            if row is not None:
+                self._check_epoch(row[0], row[1])
 
         await self._submit(op)
 
@@ -303,13 +312,10 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
             now = time.time()
             out = []
             for m in inbound:
-                row = conn.execute(
-                    "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
-                    (m.id, m.session, m.text.encode(), _origin_encode(m.origin).decode(), now),
-                ).fetchone()
+                row = _insert_message(
+                    conn, m.id, m.session, m.text, _origin_encode(m.origin).decode(), now
+                )
                 if row is not None:
-                    _announce(conn, m.session, m.id)
                     message = Message(
                         id=m.id, session=m.session, text=m.text, origin=m.origin, seq=row[0]
                     )
@@ -411,12 +417,31 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
         return await self._submit(op)
 
 
-def _announce(conn: psycopg.Connection[Any], session: str, message_id: str) -> None:
-    """A new message: its session gets a lease row (free) to claim, and every node a hint."""
-    conn.execute(
-        "INSERT INTO corral.leases (session) VALUES (%s) ON CONFLICT DO NOTHING", (session,)
-    )
-    notify(conn, MESSAGE_HINT, f"{session}\t{message_id}")
+def _insert_message(
+    conn: psycopg.Connection[Any],
+    message_id: str,
+    session: str,
+    text: str,
+    origin: str,
+    now: float,
+) -> tuple[Any, ...] | None:
+    """Insert a message unless its id exists: (seq,), or None. A new message's session
+    gets a lease row (free) to claim, and every node a hint; one statement."""
+    return conn.execute(
+        "WITH m AS (INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
+        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq, session), "
+        "l AS (INSERT INTO corral.leases (session) SELECT session FROM m "
+        "ON CONFLICT DO NOTHING) SELECT seq, pg_notify(%s, %s) FROM m",
+        (
+            message_id,
+            session,
+            text.encode(),
+            origin,
+            now,
+            NOTIFY_CHANNEL,
+            f"{MESSAGE_HINT} {session}\t{message_id}",
+        ),
+    ).fetchone()
 
 
 __all__ = [

@@ -33,6 +33,18 @@ COMMAND_HINT: Final = "c"  # a command for node <rest>
 ANSWER_HINT: Final = "a"  # command <rest> was answered
 
 
+# a CTE `f` for the writes of a turn: the lease of message %s's session if node %s holds
+# it, locked FOR SHARE, so a claim by another node waits for the write's commit (or the
+# write sees the new epoch); compared with the epoch in memory by `_check_epoch`
+LEASE_OF_MESSAGE: Final = (
+    "f AS (SELECT l.epoch FROM corral.leases l JOIN corral.messages m "
+    "ON m.session = l.session WHERE m.id = %s AND l.node = %s FOR SHARE OF l)"
+)
+LEASE_OF_SESSION: Final = (
+    "f AS (SELECT epoch FROM corral.leases WHERE session = %s AND node = %s FOR SHARE)"
+)
+
+
 class LeaseLost(StoreError):
     """A write of a session's turn found that this node no longer holds its lease."""
 
@@ -81,6 +93,21 @@ class PgClusterOps:
 
         def _submit(self, fn: Callable[[psycopg.Connection[Any]], T]) -> asyncio.Future[T]: ...
 
+    def _check_epoch(self, session: str, found: int | None) -> None:
+        """Raise LeaseLost unless `found` (the lease's epoch the write saw, None if this
+        node does not hold it) is the epoch this node holds `session` with."""
+        if self.node is None:
+            return
+        epoch = self.epochs.get(session)
+        if epoch is not None and found == epoch:
+            return
+        self._lost(session)
+
+    def _lost(self, session: str) -> None:
+        if self.on_lease_lost is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_lease_lost, session)
+        raise LeaseLost(f"session {session}: this node no longer holds its lease")
+
     def _fence(self, conn: psycopg.Connection[Any], session: str) -> None:
         """Raise LeaseLost unless this node holds `session`'s lease with the epoch it knows."""
         if self.node is None:
@@ -94,9 +121,7 @@ class PgClusterOps:
             ).fetchone()
             if row is not None:
                 return
-        if self.on_lease_lost is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.on_lease_lost, session)
-        raise LeaseLost(f"session {session}: this node no longer holds its lease")
+        self._lost(session)
 
     # ---- nodes
 

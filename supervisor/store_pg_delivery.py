@@ -11,7 +11,7 @@ import msgspec
 import psycopg
 
 from corral.protocol.types import ERROR, Reply, reply_id
-from corral.supervisor.store_pg_cluster import REPLY_HINT, notify
+from corral.supervisor.store_pg_cluster import LEASE_OF_SESSION, NOTIFY_CHANNEL, REPLY_HINT
 from corral.supervisor.store_pg_rows import (
     _diagnostic,
 )
@@ -48,7 +48,7 @@ class PgDeliveryOps:
     node: str | None
     if TYPE_CHECKING:
 
-        def _fence(self, conn: psycopg.Connection[Any], session: str) -> None: ...
+        def _check_epoch(self, session: str, found: int | None) -> None: ...
 
         def _submit(self, fn: Callable[[psycopg.Connection[Any]], T]) -> asyncio.Future[T]: ...
 
@@ -77,12 +77,21 @@ class PgDeliveryOps:
         )
         origin = _origin_encode(message.origin).decode()
 
+        # the replies long-poll on every node is woken by a hint; pushed replies need none
+        hint = "pg_notify(%s, %s)" if not push else "NULL, NULL"
+        hint_args = (NOTIFY_CHANNEL, f"{REPLY_HINT} {message.origin.channel}\t{message.session}")
+
         def insert(conn: psycopg.Connection[Any], r: Reply) -> bool:
-            cur = conn.execute(
-                "INSERT INTO corral.replies (id, message_id, session, idx, text, kind, channel, "
-                "origin, created_at, delivery) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (id) DO NOTHING",
+            # one statement: the lease as it is (FOR SHARE), the reply, the hint
+            row = conn.execute(
+                f"WITH {LEASE_OF_SESSION}, ins AS (INSERT INTO corral.replies (id, message_id, "
+                "session, idx, text, kind, channel, origin, created_at, delivery) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING RETURNING 1) "
+                f"SELECT (SELECT epoch FROM f), (SELECT count(*) FROM ins), {hint}",
                 (
+                    message.session,
+                    self.node or "",
                     r.id,
                     message.id,
                     message.session,
@@ -93,14 +102,14 @@ class PgDeliveryOps:
                     origin,
                     time.time(),
                     PENDING if push else FETCHED,
+                    *hint_args[: 0 if push else 2],
                 ),
-            )
-            return cur.rowcount > 0
+            ).fetchone()
+            assert row is not None
+            self._check_epoch(message.session, row[0])  # fenced: the savepoint takes it back
+            return int(row[1]) > 0
 
         def op(conn: psycopg.Connection[Any]) -> Reply | None:
-            self._fence(conn, message.session)
-            if not push:  # the replies long-poll on every node
-                notify(conn, REPLY_HINT, f"{message.origin.channel}\t{message.session}")
             if insert(conn, reply):
                 return reply
             if kind != ERROR:
