@@ -103,6 +103,8 @@ class Cluster:
         self.node_rows: list[NodeRow] = []  # as of the last renewal
         self._wake = asyncio.Event()
         self._needs: set[str] = set()  # what the claim loop is asked to do before its poll
+        self._claiming = False
+        self.elsewhere: set[str] = set()  # sessions other live nodes ran at their last renewal
         self._answered = asyncio.Event()  # set on a hint that a command was answered
         self._lock = asyncio.Lock()  # claims, renewals and releases, one at a time
         self._releasing: set[asyncio.Task[None]] = set()
@@ -196,8 +198,17 @@ class Cluster:
                 return False  # a refresh on its hint queued it already
             known.add(message.id)
             return True
-        self._need("claim")
+        self._claim_for(message.session)
         return False
+
+    def _claim_for(self, session: str) -> None:
+        """A message for a session this node does not hold: claim it, unless another live
+        node runs it (the claim would find nothing; if that node dies, the poll claims)."""
+        if session in self.elsewhere:
+            return
+        self._need("claim")
+        if self._claiming:  # it may be this very claim's: read its queue after it
+            self._need("refresh")
 
     def let_go(self, s: Session) -> None:
         """A session this node does not hold (any more): nothing of it runs here."""
@@ -292,6 +303,7 @@ class Cluster:
                     else:
                         self._reconcile(renewed)
                     self.node_rows = await self.store.nodes(self.ttl)
+                    self.elsewhere = {r.session for r in self.other_sessions()} - set(self.held)
             except (StoreError, StoreClosed, psycopg.Error, TimeoutError) as e:
                 if not self.fenced and loop.time() >= self.last_renewed + self.fence_after:
                     self.fence(f"no lease renewal for {loop.time() - self.last_renewed:.1f}s: {e}")
@@ -380,12 +392,17 @@ class Cluster:
         if spare <= 0:
             return False
         loop = asyncio.get_running_loop()
-        async with self._lock, asyncio.timeout(self.ttl):
-            t0 = loop.time()
-            claimed = await self.store.claim(self.node, self.ttl, spare)
-            self.m_claim.observe(loop.time() - t0)
-            for c in claimed:
-                self.held[c.session] = c.epoch
+        self._claiming = True
+        try:
+            async with self._lock, asyncio.timeout(self.ttl):
+                t0 = loop.time()
+                claimed = await self.store.claim(self.node, self.ttl, spare)
+                self.m_claim.observe(loop.time() - t0)
+                for c in claimed:
+                    self.held[c.session] = c.epoch
+                    self.elsewhere.discard(c.session)
+        finally:
+            self._claiming = False
         self.m_leases.set(len(self.held))
         for c in claimed:
             await self.adopt(c)
@@ -566,11 +583,11 @@ class Cluster:
         elif kind == MESSAGE_HINT:
             session, _, message_id = rest.partition("\t")
             if session not in self.held:
-                self._need("claim")  # or it is being claimed here right now:
-                self._need("refresh")  # then its queue is read after the claim
+                self._claim_for(session)
             elif message_id not in self.known.get(session, ()):
                 self._need("refresh")  # accepted on another node: queue it here
-        else:  # leases freed: a backlog may be claimable
+        else:  # leases freed: a backlog may be claimable, and who runs what has changed
+            self.elsewhere.clear()
             self._need("claim")
 
     # ---- views
