@@ -98,3 +98,37 @@ def test_a_write_by_a_node_that_lost_the_lease_is_fenced_and_writes_nothing(pg_u
             await b.close()
 
     run(body)
+
+
+def test_migrating_a_single_node_database_gives_its_pending_sessions_claimable_leases(
+    pg_empty_url,
+):
+    from corral.supervisor.pg_schema import MIGRATIONS, migrate
+
+    with psycopg.connect(pg_empty_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA corral")
+        conn.execute(
+            "CREATE TABLE corral.schema_version (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in MIGRATIONS[:3]:  # what a node before the cluster made
+            conn.execute(sql)
+            conn.execute("INSERT INTO corral.schema_version (version) VALUES (%s)", (version,))
+        conn.execute(
+            "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
+            "VALUES ('m1', 'old', 'hi', '{\"channel\": \"http\"}', 0)"
+        )
+        assert migrate(conn) == 3
+
+    async def body() -> None:
+        store = as_node(PgStore(pg_empty_url), "a")
+        await store.open()
+        try:
+            (claimed,) = await store.claim("a", 30, 10)
+            assert claimed.session == "old" and claimed.last_node is None
+            store.epochs["old"] = claimed.epoch
+            assert [m.id for m in await store.pending()] == ["m1"]
+        finally:
+            await store.close()
+
+    run(body)
