@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests.harness import Corral, processes_with_mark, wait_for
+from tests.receiver import Receiver
 
 HISTORY = "tests.agents:history"
 SLOW_HISTORY = "tests.agents_cluster:slow_history"
@@ -324,3 +325,32 @@ def test_a_second_node_with_the_same_name_refuses_to_start(corral, pg_url, tmp_p
     other = Corral(tmp_path / "other", node_config(pg_url, name))
     with pytest.raises(RuntimeError, match="another node named"):
         other.start(timeout=60)
+
+
+def test_webhook_replies_are_delivered_once_each_in_order_per_session_across_nodes(corral, pg_url):
+    with Receiver([200]) as rx:
+        hooks = {
+            "channels.webhook.hooks": {"url": rx.url},
+            "delivery": {"retry_initial": "200ms", "retry_max": "2s"},
+        }
+        a, b = (corral({**node_config(pg_url, n), **hooks}, agent=HISTORY) for n in ("a", "b"))
+        rng = random.Random(3)
+        sessions = [f"w{i}" for i in range(6)]
+        for k in range(3):
+            for s in sessions:
+                node = rng.choice([a, b])
+                status, _ = node.request(
+                    "POST",
+                    "/v1/channels/hooks/messages",
+                    {"session": s, "text": f"{s}.{k}", "id": f"{s}-{k}"},
+                )
+                assert status == 202
+        rx.wait_requests(18, timeout=60)
+        time.sleep(1.0)  # a second delivery of anything would arrive by now
+        delivered = rx.delivered()
+        assert sorted(d["id"] for d in delivered) == sorted(
+            f"{s}-{k}:0" for s in sessions for k in range(3)
+        )
+        for s in sessions:
+            texts = [d["text"] for d in delivered if d["session"] == s]
+            assert texts == ["|".join(f"{s}.{j}" for j in range(k + 1)) for k in range(3)]
