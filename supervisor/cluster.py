@@ -104,7 +104,8 @@ class Cluster:
         self._wake = asyncio.Event()
         self._needs: set[str] = set()  # what the claim loop is asked to do before its poll
         self._claiming = False
-        self.elsewhere: set[str] = set()  # sessions other live nodes ran at their last renewal
+        self.others: dict[str, SessionInfo] = {}  # other live nodes' sessions, as last renewed
+        self.elsewhere: set[str] = set()  # of those, the ones not held here
         self._answered = asyncio.Event()  # set on a hint that a command was answered
         self._lock = asyncio.Lock()  # claims, renewals and releases, one at a time
         self._releasing: set[asyncio.Task[None]] = set()
@@ -303,7 +304,7 @@ class Cluster:
                     else:
                         self._reconcile(renewed)
                     self.node_rows = await self.store.nodes(self.ttl)
-                    self.elsewhere = {r.session for r in self.other_sessions()} - set(self.held)
+                    self._read_others()
             except (StoreError, StoreClosed, psycopg.Error, TimeoutError) as e:
                 if not self.fenced and loop.time() >= self.last_renewed + self.fence_after:
                     self.fence(f"no lease renewal for {loop.time() - self.last_renewed:.1f}s: {e}")
@@ -594,12 +595,16 @@ class Cluster:
 
     def other_sessions(self) -> list[SessionInfo]:
         """The sessions other live nodes run, as of their last renewal."""
-        out: list[SessionInfo] = []
+        return list(self.others.values())
+
+    def _read_others(self) -> None:
+        others: dict[str, SessionInfo] = {}
         for n in self.node_rows:
             if n.name != self.node and n.alive and n.sessions:
                 with contextlib.suppress(msgspec.DecodeError):
-                    out.extend(_decode_rows.decode(n.sessions))
-        return out
+                    others.update((r.session, r) for r in _decode_rows.decode(n.sessions))
+        self.others = others
+        self.elsewhere = set(others) - set(self.held)
 
     def nodes(self) -> list[NodeInfo]:
         """The live nodes, and those that died within the last hour (not those that left)."""

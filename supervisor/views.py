@@ -11,6 +11,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from corral.protocol.control import (
     DeadLetterInfo,
     DeadLetterList,
@@ -48,6 +50,14 @@ def session_info(sup: Supervisor, key: str, stored: SessionSummary | None = None
     (the store's summary of it) adds its message count and last message time, and
     its restarts and last exit if this run has not seen it yet."""
     live = sup.sessions.get(key)
+    if live is None and sup.cluster is not None:  # another node may run it
+        row = sup.cluster.others.get(key)
+        if row is not None:
+            if stored is None:
+                return row
+            return msgspec.structs.replace(
+                row, messages=stored.messages, last_message_at=stored.last_message_at
+            )
     s = live or Session(key)
     now = asyncio.get_running_loop().time()
     w = s.worker

@@ -104,6 +104,13 @@ def test_ls_on_any_node_lists_every_session_with_its_node_and_status_lists_the_n
     assert {r["session"] for r in rows if r["node"] == "a"} == on_a
     table = a.cli("ls")
     assert table.returncode == 0 and "NODE" in table.stdout.splitlines()[0]
+    # `show` on one node shows a session the other runs
+    remote = next(r for r in rows if r["node"] == "b") if on_b else None
+    if remote is not None:
+        shown = a.cli("show", remote["session"], "--json")
+        assert shown.returncode == 0, shown.stderr
+        body = json.loads(shown.stdout)
+        assert (body["state"], body["node"], body["pid"]) == ("busy", "b", remote["pid"])
     status = json.loads(a.cli("status", "--json").stdout)
     assert status["node"] == "a"
     assert {n["name"] for n in status["nodes"]} == {"a", "b"}
