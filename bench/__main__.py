@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    cluster,
     durability,
     floods,
     isolation,
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "stop": stop.run,
     "durability": durability.run,
     "sandbox": sandbox.run,
+    "cluster": cluster.run,
 }
 
 

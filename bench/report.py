@@ -331,6 +331,37 @@ def floods(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def cluster(r: dict[str, Any]) -> list[str]:
+    rows = [["", "messages/s", "p50 ms", "p99 ms", "failures"]]
+    for name, key in (
+        ("1 node, SQLite", "sqlite_1"),
+        ("1 node, PostgreSQL", "pg_1"),
+        ("2 nodes, PostgreSQL", "pg_2"),
+        ("3 nodes, PostgreSQL", "pg_3"),
+    ):
+        x = r[key]
+        rows.append(
+            [name, _n(x["messages_per_s"]), str(x["p50_ms"]), str(x["p99_ms"]), str(x["failures"])]
+        )
+    out = [
+        f"9. Cluster: {r['sessions']} sessions, ?wait to a random node, echo agent, "
+        f"{r['seconds']:g} s each",
+        *_table(rows),
+    ]
+    for key in ("takeover_3s", "takeover_10s"):
+        if (t := r.get(key)) is None:
+            continue
+        if "error" in t:
+            out.append(f"   {key}: FAILED: {t['error']}")
+            continue
+        out.append(
+            f"   takeover after kill -9 (lease_ttl {t['lease_ttl']}): {t['sessions_moved']} "
+            f"sessions moved, {t['answered']} answered; kill to reply: first "
+            f"{t['first_reply_s']} s, median {t['median_s']} s, last {t['last_reply_s']} s"
+        )
+    return out
+
+
 SECTIONS = {
     "isolation": isolation,
     "floods": floods,
@@ -341,6 +372,7 @@ SECTIONS = {
     "stop": stop,
     "durability": durability,
     "sandbox": sandbox,
+    "cluster": cluster,
 }
 
 

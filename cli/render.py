@@ -6,7 +6,14 @@ import json
 import time
 from typing import Any
 
-from corral.protocol.control import DeadLetterInfo, HistoryEntry, PollerHealth, SessionInfo, Status
+from corral.protocol.control import (
+    DeadLetterInfo,
+    HistoryEntry,
+    NodeInfo,
+    PollerHealth,
+    SessionInfo,
+    Status,
+)
 from corral.protocol.spawn import SandboxLevel
 
 
@@ -78,11 +85,13 @@ STORED_COLUMNS = ("MESSAGES", "LAST-MESSAGE")
 def session_table(sessions: list[SessionInfo], stored: bool = False) -> list[str]:
     """`corral ls`: a header and a row per session, in columns two spaces apart; with
     `stored` (`ls --all`), the store's message count and last message time too."""
-    if not stored:
-        return table([SESSION_COLUMNS, *(session_row(s) for s in sessions)])
+    header = SESSION_COLUMNS + (STORED_COLUMNS if stored else ())
     now = time.time()
-    rows = [session_row(s) + stored_cells(s, now) for s in sessions]
-    return table([SESSION_COLUMNS + STORED_COLUMNS, *rows])
+    rows = [session_row(s) + (stored_cells(s, now) if stored else ()) for s in sessions]
+    if any(s.node for s in sessions):  # a cluster: which node runs each session
+        header = (header[0], "NODE", *header[1:])
+        rows = [(r[0], s.node or "-", *r[1:]) for r, s in zip(rows, sessions, strict=True)]
+    return table([header, *rows])
 
 
 def stored_cells(s: SessionInfo, now: float) -> tuple[str, ...]:
@@ -186,6 +195,8 @@ def status_fields(st: Status) -> list[str]:
             f"(max {st.loop_lag_max * 1000:.1f}ms in the last minute)",
             "sandbox": sandbox_line(st.sandbox),
             **{f"telegram {p.bot}": poller_line(p) for p in st.pollers},
+            **({"node": st.node} if st.node else {}),
+            **{f"node {n.name}": node_line(n) for n in st.nodes},
         },
         12,
     )
@@ -201,6 +212,14 @@ def sandbox_line(level: SandboxLevel | None) -> str:
         return f"NONE ({level.why or 'no Landlock here'}): workers are not confined"
     line = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
     return line + (f" (not enforced: {', '.join(level.missing)})" if level.missing else "")
+
+
+def node_line(n: NodeInfo, now: float | None = None) -> str:
+    """One node of a cluster in `corral status`."""
+    now = time.time() if now is None else now
+    beat = f"{fmt_secs(max(0.0, now - n.heartbeat_at))} ago"
+    state = "gone" if not n.alive else "draining" if n.draining else "serving"
+    return f"{state}, {n.sessions} sessions, last heartbeat {beat}"
 
 
 def poller_line(p: PollerHealth, now: float | None = None) -> str:

@@ -30,6 +30,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     messages: int | None = None  # messages accepted for the session, all time
     last_message_at: float | None = None  # unix time of the last one
     progress: str | None = None  # the running turn's last progress note
+    node: str = ""  # in a cluster: the node that runs it
 
 
 class SessionList(msgspec.Struct):
@@ -94,6 +95,18 @@ class PollerHealth(msgspec.Struct, kw_only=True):
     offset: int | None = None
 
 
+class NodeInfo(msgspec.Struct, kw_only=True):
+    """A node of a cluster, as `corral status` shows it."""
+
+    name: str
+    heartbeat_at: float  # unix time of its last lease renewal
+    started_at: float
+    sessions: int  # leases it holds
+    draining: bool
+    alive: bool
+    pid: int | None = None
+
+
 class Status(msgspec.Struct, kw_only=True):
     pid: int
     version: str
@@ -116,6 +129,8 @@ class Status(msgspec.Struct, kw_only=True):
     config: str = ""  # the config file serve read; "": none, the built-in defaults
     store: str = "ok"  # or why the store cannot write (a full disk), or is lost
     sandbox: SandboxLevel | None = None  # as the zygote found it; None before it is ready
+    node: str = ""  # in a cluster: this node's name
+    nodes: list[NodeInfo] = msgspec.field(default_factory=list)  # in a cluster: the live nodes
 
 
 class KillResult(msgspec.Struct):

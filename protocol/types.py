@@ -30,6 +30,7 @@ class ExitReason(StrEnum):
     # the zygote that forked it died or was replaced: not the session's fault, the turn
     # runs again
     ZYGOTE_LOST = "zygote_lost"
+    LEASE_LOST = "lease_lost"  # a cluster node lost the session's lease: another runs it
 
 
 EXIT_REASONS: Final = tuple(ExitReason)

@@ -20,7 +20,6 @@ from corral.supervisor.channels.http import HttpChannel
 from corral.supervisor.config import Config, ConfigError, split_listen, telegram_tokens
 from corral.supervisor.control import ControlServer, ControlSocketBusy
 from corral.supervisor.metrics import MetricsServer
-from corral.supervisor.nodelock import NodeLock
 from corral.supervisor.reload import Reloader
 from corral.supervisor.sdnotify import Notifier
 from corral.supervisor.spawner import SpawnError
@@ -198,11 +197,6 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
         begun = {"supervisor": False}
 
         async def start() -> None:
-            if config.store.url:
-                node_lock = NodeLock(config.store.url)
-                stack.push_async_callback(node_lock.release)
-                await node_lock.acquire()
-                sup.services.start("node lock", node_lock.watch)
             await sup.start()
             begun["supervisor"] = True
             stack.push_async_callback(control.stop)

@@ -135,6 +135,19 @@ class StoreConfig(_Section):
     url: str = ""
 
 
+class ClusterConfig(_Section):
+    """`[cluster]`: only with a PostgreSQL store."""
+
+    node: str = ""  # this node's unique name; default: the host name
+    lease_ttl: Duration = Duration(10)  # a dead node's sessions move on after about this
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.node or socket.gethostname()
+
+
 class Config(_Section):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -145,6 +158,7 @@ class Config(_Section):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     @property
     def state_path(self) -> Path:
@@ -267,9 +281,22 @@ def _validate_sandbox(sandbox: SandboxConfig) -> None:
                 raise ConfigError(f"sandbox.{key}: expected absolute paths, got {path!r}")
 
 
+_NODE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,100}")
+
+
+def _validate_cluster(cfg: Config) -> None:
+    if cfg.cluster.node and not _NODE_RE.fullmatch(cfg.cluster.node):
+        raise ConfigError(
+            f"cluster.node: expected 1-100 characters of A-Za-z0-9._:@-, got {cfg.cluster.node!r}"
+        )
+    if float(cfg.cluster.lease_ttl) < 1.0:
+        raise ConfigError("cluster.lease_ttl: must be at least 1s")
+
+
 def _validate(cfg: Config) -> None:
     _validate_store(cfg.store)
     _validate_sandbox(cfg.sandbox)
+    _validate_cluster(cfg)
     if not _ENTRYPOINT_RE.fullmatch(cfg.agent.entrypoint):
         raise ConfigError(
             f'agent.entrypoint: expected "package.module:callable", got {cfg.agent.entrypoint!r}'

@@ -51,6 +51,14 @@ class CrashLoops:
             self._arm(key, self.records[key].quarantined_until or now)
         return held
 
+    def adopt(self, key: str, record: SessionRecord | None) -> None:
+        """The session's record as the store has it now (a cluster node took it over)."""
+        if record is None:
+            return
+        self.records[key] = record
+        if (record.quarantined_until or 0) > time.time():
+            self._arm(key, record.quarantined_until or 0.0)
+
     def quarantined(self, key: str) -> float | None:
         """The wall-clock end of the session's quarantine, or None."""
         record = self.records.get(key)

@@ -112,11 +112,37 @@ class Inbox:
         self.metrics.inbox_depth.set(len(pending))
         return pending
 
+    def adopt(self, messages: Sequence[Message]) -> None:
+        """Unfinished messages this node took over (a cluster's claim): known here now."""
+        loop = asyncio.get_running_loop()
+        for m in messages:
+            if m.id not in self._ended:
+                self._ended[m.id] = loop.create_future()
+                self.metrics.inbox_depth.inc()
+
+    def ended_elsewhere(self, message_id: str) -> None:
+        """Another node ended the message's turn: a ?wait here answers from the store."""
+        fut = self._ended.pop(message_id, None)
+        self._replies.pop(message_id, None)
+        if fut is not None:
+            self.metrics.inbox_depth.dec()
+            if not fut.done():
+                fut.set_result(None)
+
+    def unfinished(self) -> list[str]:
+        """The ids of messages known here whose turn has not ended."""
+        return list(self._ended)
+
     async def accept(
         self, session: str, text: str, origin: Origin, client_id: str | None
     ) -> Accepted:
         """Store a message durably; a duplicate client id gives back the first one."""
         accepted = await self.store.accept(session, text, origin, client_id)
+        m = accepted.message
+        if accepted.duplicate and m.state == PENDING and m.id not in self._ended:
+            # accepted by another node (of a cluster) that may be gone: ?wait here too
+            self._ended[m.id] = asyncio.get_running_loop().create_future()
+            self.metrics.inbox_depth.inc()
         if not accepted.duplicate:
             self.metrics.accepted.labels(origin.channel).inc()
             self.metrics.inbox_depth.inc()

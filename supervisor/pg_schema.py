@@ -85,6 +85,47 @@ CREATE TABLE corral.reply_parts (
     (4, "CREATE INDEX IF NOT EXISTS messages_finished ON corral.messages (finished_at);"),
     # the last `corral dead-letters retry` of a reply: delivery's max_age counts from it
     (5, "ALTER TABLE corral.replies ADD COLUMN retried_at double precision;"),
+    (
+        6,
+        """
+-- one lease per session: the node that runs its turns, and a fencing epoch that every
+-- write of a turn checks; `node` NULL: free. Times are the database's (now()) only.
+CREATE TABLE corral.leases (
+    session text PRIMARY KEY,
+    node text,
+    epoch bigint NOT NULL DEFAULT 0,
+    expires_at timestamptz NOT NULL DEFAULT '-infinity',
+    last_node text
+);
+CREATE INDEX leases_by_node ON corral.leases (node);
+INSERT INTO corral.leases (session)
+    SELECT DISTINCT session FROM corral.messages WHERE state = 'pending'
+    ON CONFLICT DO NOTHING;
+CREATE INDEX messages_pending_by_session ON corral.messages (session, seq)
+    WHERE state = 'pending';
+-- the nodes of the cluster: heartbeat, and what `corral ls` on another node shows of them
+CREATE TABLE corral.nodes (
+    name text PRIMARY KEY,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    draining boolean NOT NULL DEFAULT false,
+    pid integer,
+    sessions bytea
+);
+-- operator actions (kill, release) for the node that owns a session
+CREATE TABLE corral.commands (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    node text NOT NULL,
+    op text NOT NULL,
+    session text NOT NULL,
+    force boolean NOT NULL DEFAULT false,
+    taken boolean NOT NULL DEFAULT false,
+    result bytea,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX commands_by_node ON corral.commands (node, taken);
+""",
+    ),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
 

@@ -54,6 +54,14 @@ from corral.supervisor.store import (
     Message,
     SessionRecord,
 )
+from corral.supervisor.store_pg_cluster import (
+    DONE_HINT,
+    LEASE_OF_MESSAGE,
+    MESSAGE_HINT,
+    NOTIFY_CHANNEL,
+    LeaseLost,
+    PgClusterOps,
+)
 from corral.supervisor.store_pg_delivery import PgDeliveryOps
 from corral.supervisor.store_pg_rows import (
     _diagnostic,
@@ -84,12 +92,27 @@ CONNECT_DEFAULTS: Final[dict[str, str | int]] = {
 }
 
 
-class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
+def connect_params(url: str) -> dict[str, Any]:
+    """libpq parameters for `url`, with CONNECT_DEFAULTS where the URL sets none."""
+    try:
+        params: dict[str, Any] = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as e:
+        raise StoreError(f"store.url: not a PostgreSQL URL libpq understands: {e}") from None
+    for key, value in CONNECT_DEFAULTS.items():
+        params.setdefault(key, value)
+    return params
+
+
+class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOps):
     def __init__(self, url: str, durable: bool = True) -> None:
         super().__init__()
         self.url = url
         self.durable = durable
         self.display_url = redact(url)
+        # set by a Cluster: this node's name, and the epoch of each lease it holds,
+        # read by the store thread to fence the writes of a session's turns
+        self.node: str | None = None
+        self.epochs: dict[str, int] = {}
 
     # ---- the engine's connection
 
@@ -133,12 +156,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         return error
 
     def _open_connection(self) -> psycopg.Connection[Any]:
-        try:
-            params = conninfo_to_dict(self.url)
-        except psycopg.ProgrammingError as e:
-            raise StoreError(f"store.url: not a PostgreSQL URL libpq understands: {e}") from None
-        for key, value in CONNECT_DEFAULTS.items():
-            params.setdefault(key, value)
+        params = connect_params(self.url)
         try:
             conn = psycopg.connect(**params, autocommit=True)  # type: ignore[arg-type]
         except psycopg.Error as e:
@@ -202,11 +220,9 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         def op(conn: psycopg.Connection[Any]) -> Accepted:
             # insert first: a concurrent insert of the same id on another node makes this
             # wait for that transaction, then do nothing, and the select below finds it
-            row = conn.execute(
-                "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
-                (message_id, session, text.encode(), _origin_encode(origin).decode(), time.time()),
-            ).fetchone()
+            row = _insert_message(
+                conn, message_id, session, text, _origin_encode(origin).decode(), time.time()
+            )
             if row is not None:
                 return Accepted(
                     Message(id=message_id, session=session, text=text, origin=origin, seq=row[0]),
@@ -232,13 +248,23 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         return await self._submit(op)
 
     async def pending(self) -> list[Message]:
-        """Every message whose turn has not ended, in the order accepted."""
+        """Every message whose turn has not ended, in the order accepted; in a cluster,
+        only those of the sessions this node holds the lease of."""
+        node = self.node
 
         def op(conn: psycopg.Connection[Any]) -> list[Message]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages "
-                "WHERE state = 'pending' ORDER BY seq"
-            ).fetchall()
+            if node is None:
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages "
+                    "WHERE state = 'pending' ORDER BY seq"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages "
+                    "WHERE state = 'pending' AND session IN "
+                    "(SELECT session FROM corral.leases WHERE node = %s) ORDER BY seq",
+                    (node,),
+                ).fetchall()
             return [_message(r) for r in rows]
 
         return await self._submit(op)
@@ -247,13 +273,15 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         """Count a start of the message's turn, durably, before it runs; the new count."""
 
         def op(conn: psycopg.Connection[Any]) -> int:
+            # one statement: the count, and the lease as it is (FOR SHARE) to check
             row = conn.execute(
-                "UPDATE corral.messages SET attempts = attempts + 1 WHERE id = %s "
-                "RETURNING attempts",
-                (message_id,),
+                f"WITH {LEASE_OF_MESSAGE} UPDATE corral.messages SET attempts = attempts + 1 "
+                "WHERE id = %s RETURNING attempts, session, (SELECT epoch FROM f)",
+                (message_id, self.node or "", message_id),
             ).fetchone()
             if row is None:
                 raise KeyError(f"no message {message_id!r}")
+            self._check_epoch(row[1], row[2])  # the savepoint rolls the count back if fenced
             return int(row[0])
 
         return await self._submit(op)
@@ -271,10 +299,24 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
 
     async def finish(self, message_id: str, state: str) -> None:
         def op(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(
-                "UPDATE corral.messages SET state = %s, finished_at = %s WHERE id = %s",
-                (str(state), time.time(), message_id),
-            )
+            # one statement: the state, the lease to check and the hint (which a fenced
+            # finish's savepoint takes back with the rest)
+            row = conn.execute(
+                f"WITH {LEASE_OF_MESSAGE} UPDATE corral.messages SET state = %s, "
+                "finished_at = %s WHERE id = %s "
+                "RETURNING session, (SELECT epoch FROM f), pg_notify(%s, %s)",
+                (
+                    message_id,
+                    self.node or "",
+                    str(state),
+                    time.time(),
+                    message_id,
+                    NOTIFY_CHANNEL,
+                    f"{DONE_HINT} {message_id}",
+                ),
+            ).fetchone()
+            if row is not None:
+                self._check_epoch(row[0], row[1])
 
         await self._submit(op)
 
@@ -317,11 +359,9 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
             now = time.time()
             out = []
             for m in inbound:
-                row = conn.execute(
-                    "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
-                    (m.id, m.session, m.text.encode(), _origin_encode(m.origin).decode(), now),
-                ).fetchone()
+                row = _insert_message(
+                    conn, m.id, m.session, m.text, _origin_encode(m.origin).decode(), now
+                )
                 if row is not None:
                     message = Message(
                         id=m.id, session=m.session, text=m.text, origin=m.origin, seq=row[0]
@@ -424,9 +464,37 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
         return await self._submit(op)
 
 
+def _insert_message(
+    conn: psycopg.Connection[Any],
+    message_id: str,
+    session: str,
+    text: str,
+    origin: str,
+    now: float,
+) -> tuple[Any, ...] | None:
+    """Insert a message unless its id exists: (seq,), or None. A new message's session
+    gets a lease row (free) to claim, and every node a hint; one statement."""
+    return conn.execute(
+        "WITH m AS (INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
+        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq, session), "
+        "l AS (INSERT INTO corral.leases (session) SELECT session FROM m "
+        "ON CONFLICT DO NOTHING) SELECT seq, pg_notify(%s, %s) FROM m",
+        (
+            message_id,
+            session,
+            text.encode(),
+            origin,
+            now,
+            NOTIFY_CHANNEL,
+            f"{MESSAGE_HINT} {session}\t{message_id}",
+        ),
+    ).fetchone()
+
+
 __all__ = [
     "LATEST",
     "MIGRATIONS",
+    "LeaseLost",
     "PgStore",
     "SchemaMismatch",
     "StoreError",

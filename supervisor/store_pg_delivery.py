@@ -11,6 +11,7 @@ import msgspec
 import psycopg
 
 from corral.protocol.types import ERROR, Reply, reply_id
+from corral.supervisor.store_pg_cluster import LEASE_OF_SESSION, NOTIFY_CHANNEL, REPLY_HINT
 from corral.supervisor.store_pg_rows import (
     _diagnostic,
 )
@@ -35,9 +36,19 @@ from corral.supervisor.store_rows import (
 
 T = TypeVar("T")
 
+# In a cluster, a node delivers the replies of the sessions it holds and of those no
+# live node holds (an orphaned reply of an idle session); never another owner's.
+OURS = (
+    "AND NOT EXISTS (SELECT 1 FROM corral.leases l WHERE l.session = r.session "
+    "AND l.node IS NOT NULL AND l.node <> %s AND l.expires_at > now())"
+)
+
 
 class PgDeliveryOps:
+    node: str | None
     if TYPE_CHECKING:
+
+        def _check_epoch(self, session: str, found: int | None) -> None: ...
 
         def _submit(self, fn: Callable[[psycopg.Connection[Any]], T]) -> asyncio.Future[T]: ...
 
@@ -66,12 +77,21 @@ class PgDeliveryOps:
         )
         origin = _origin_encode(message.origin).decode()
 
+        # the replies long-poll on every node is woken by a hint; pushed replies need none
+        hint = "pg_notify(%s, %s)" if not push else "NULL, NULL"
+        hint_args = (NOTIFY_CHANNEL, f"{REPLY_HINT} {message.origin.channel}\t{message.session}")
+
         def insert(conn: psycopg.Connection[Any], r: Reply) -> bool:
-            cur = conn.execute(
-                "INSERT INTO corral.replies (id, message_id, session, idx, text, kind, channel, "
-                "origin, created_at, delivery) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (id) DO NOTHING",
+            # one statement: the lease as it is (FOR SHARE), the reply, the hint
+            row = conn.execute(
+                f"WITH {LEASE_OF_SESSION}, ins AS (INSERT INTO corral.replies (id, message_id, "
+                "session, idx, text, kind, channel, origin, created_at, delivery) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING RETURNING 1) "
+                f"SELECT (SELECT epoch FROM f), (SELECT count(*) FROM ins), {hint}",
                 (
+                    message.session,
+                    self.node or "",
                     r.id,
                     message.id,
                     message.session,
@@ -82,9 +102,12 @@ class PgDeliveryOps:
                     origin,
                     time.time(),
                     PENDING if push else FETCHED,
+                    *hint_args[: 0 if push else 2],
                 ),
-            )
-            return cur.rowcount > 0
+            ).fetchone()
+            assert row is not None
+            self._check_epoch(message.session, row[0])  # fenced: the savepoint takes it back
+            return int(row[1]) > 0
 
         def op(conn: psycopg.Connection[Any]) -> Reply | None:
             if insert(conn, reply):
@@ -143,8 +166,9 @@ class PgDeliveryOps:
                 "WHERE channel = %s AND delivery = 'pending' AND next_attempt_at <= %s "
                 "AND NOT EXISTS (SELECT 1 FROM corral.replies e "
                 "WHERE e.session = r.session AND e.channel = r.channel "
-                "AND e.delivery = 'pending' AND e.cursor < r.cursor) ORDER BY cursor LIMIT %s",
-                (channel, now, limit),
+                f"AND e.delivery = 'pending' AND e.cursor < r.cursor) {OURS} "
+                "ORDER BY cursor LIMIT %s",
+                (channel, now, self.node or "", limit),
             ).fetchall()
             return [_stored_reply(r) for r in rows]
 
@@ -157,8 +181,8 @@ class PgDeliveryOps:
                 "WHERE channel = %s AND delivery = 'pending' "
                 "AND NOT EXISTS (SELECT 1 FROM corral.replies e "
                 "WHERE e.session = r.session AND e.channel = r.channel "
-                "AND e.delivery = 'pending' AND e.cursor < r.cursor)",
-                (channel,),
+                f"AND e.delivery = 'pending' AND e.cursor < r.cursor) {OURS}",
+                (channel, self.node or ""),
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
@@ -186,10 +210,10 @@ class PgDeliveryOps:
 
         def op(conn: psycopg.Connection[Any]) -> int:
             cur = conn.execute(
-                "UPDATE corral.replies SET delivery = 'dead', "
+                "UPDATE corral.replies r SET delivery = 'dead', "
                 "last_error = 'channel not configured' "
-                "WHERE delivery = 'pending' AND channel <> ALL(%s::text[])",
-                (list(channels),),
+                f"WHERE delivery = 'pending' AND channel <> ALL(%s::text[]) {OURS}",
+                (list(channels), self.node or ""),
             )
             return cur.rowcount
 

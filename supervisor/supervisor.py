@@ -27,6 +27,7 @@ from corral.protocol.types import (
 )
 from corral.supervisor import cgroups, sandbox
 from corral.supervisor.channels.telegram_wiring import TelegramWiring
+from corral.supervisor.cluster import Cluster, UnknownHere
 from corral.supervisor.config import Config, LimitsConfig
 from corral.supervisor.crashloop import CrashLoops
 from corral.supervisor.delivery import Outbox
@@ -39,6 +40,7 @@ from corral.supervisor.services import Changes, Services, Tasks, within
 from corral.supervisor.sessions import Session, SessionTable
 from corral.supervisor.spawner import Spawner
 from corral.supervisor.store import Accepted, Message
+from corral.supervisor.store_pg import PgStore
 from corral.supervisor.stores import AnyStore, make_store
 from corral.supervisor.turns import Turns
 from corral.supervisor.watchdog import LoopLag, Watchdog
@@ -121,6 +123,8 @@ class Supervisor:
         self.hurried = False  # a second stop signal: the rest of drain_timeout is skipped
         # Telegram bots: pollers in, the outbox out (telegram_tokens: read from env if None)
         self.telegram = TelegramWiring(self, telegram_tokens) if config.channels.telegram else None
+        # on PostgreSQL this is a node of a cluster: it runs the sessions it holds leases of
+        self.cluster = Cluster(self, self.store) if isinstance(self.store, PgStore) else None
 
     # ---- lifecycle
 
@@ -129,11 +133,14 @@ class Supervisor:
         self.config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fds.raise_limit()  # before the store, the zygote and any worker open theirs
         await self.store.open()
+        if self.cluster is not None:
+            await self.cluster.join()
         procfs.become_subreaper()  # a dead zygote's orphans come to us (see Watchdog)
         await self.use_cgroups()
         await self.spawner.start()
         for key in await self.crashloops.restore():
-            self.sessions.get_or_create(key)  # listed as quarantined
+            if self.cluster is None:  # in a cluster, the node that claims it lists it
+                self.sessions.get_or_create(key)  # listed as quarantined
         pending = await self.inbox.restore()
         for message in pending:
             self.sessions.get_or_create(message.session).queue.append(message)
@@ -148,7 +155,9 @@ class Supervisor:
         self.services.start("watchdog", self.watchdog.run)
         self.services.start("zygote health", lambda: Spawner.watch(lambda: self.spawner))
         self.services.start("loop lag", self.lag.run)
-        if self.telegram is not None:
+        if self.cluster is not None:
+            self.cluster.start()  # and Telegram's pollers on the node that leads them
+        elif self.telegram is not None:
             self.telegram.start()
         for s in self.sessions:
             self.dispatch(s)
@@ -199,6 +208,8 @@ class Supervisor:
         if self.telegram is not None:
             self.telegram.stop_polling()
         self.inbox.close_waits()  # every ?wait and long-poll answers now
+        if self.cluster is not None:
+            self.cluster.hand_over_idle()  # their queues move on to other nodes now
         await self.changes.wait_until(
             lambda: self.hurried or not self.busy_workers(), self.drain_timeout
         )
@@ -210,6 +221,8 @@ class Supervisor:
         grace = float(self.config.supervisor.kill_grace) + DRAINED_GRACE
         if not await self.changes.wait_until(lambda: not self.sessions.workers(), grace):
             log.error("%d workers not reaped after drain", len(self.sessions.workers()))
+        if self.cluster is not None:
+            await self.cluster.leave()
 
     @staticmethod
     def frame_cap(limits: LimitsConfig) -> int:
@@ -273,6 +286,8 @@ class Supervisor:
 
     def enqueue(self, message: Message) -> None:
         """Queue the turn of a message the inbox has just accepted."""
+        if self.cluster is not None and not self.cluster.take(message):
+            return  # the node that holds the session runs it
         s = self.sessions.get_or_create(message.session)
         s.queue.append(message)
         s.last_used = time.monotonic()
@@ -280,6 +295,8 @@ class Supervisor:
 
     def dispatch(self, s: Session) -> None:
         """Move a session one step: refuse, start a worker, run the next turn, yield, or idle."""
+        if self.cluster is not None and not self.cluster.holds(s.key):
+            return self.cluster.let_go(s)
         if self.crashloops.quarantined(s.key) is not None:
             return self.refuse_queued(s)
         w = s.worker
@@ -289,6 +306,8 @@ class Supervisor:
             if not s.queue or self.draining:
                 if s.is_empty():
                     self.sessions.forget(s)
+                    if self.cluster is not None:
+                        self.cluster.forgotten(s.key)
                 return None
             return self.start_worker(s)
         if w.state is not SessionState.IDLE:
@@ -462,9 +481,16 @@ class Supervisor:
 
     # ---- operator actions
 
-    async def kill_session(self, key: str, force: bool) -> KillResult:
-        """Stop a session's worker for an operator; answers once it is reaped (bounded)."""
+    async def kill_session(self, key: str, force: bool, local: bool = False) -> KillResult:
+        """Stop a session's worker for an operator; answers once it is reaped (bounded).
+        In a cluster, a session another node runs is killed by that node."""
         s = self.sessions.get(key)
+        if (s is None or s.worker is None) and self.cluster is not None and not local:
+            timeout = float(self.config.supervisor.kill_grace) + KILL_ANSWER_GRACE + 2.0
+            try:
+                return await self.cluster.kill_elsewhere(key, force, timeout)
+            except UnknownHere:
+                raise UnknownSession(key) from None
         if s is None or s.worker is None:
             raise UnknownSession(key)
         w = s.worker
@@ -479,12 +505,18 @@ class Supervisor:
         """Put dead-lettered replies back into delivery (all: None); the ids retried."""
         return await self.outbox.retry_dead_letters(ids)
 
-    async def release(self, key: str) -> bool:
-        """Lift a session's quarantine now; False if it is not quarantined."""
-        if not await self.crashloops.release(key):
+    async def release(self, key: str, local: bool = False) -> bool:
+        """Lift a session's quarantine now; False if it is not quarantined. In a cluster,
+        the node that holds the session lifts it; with none, the store's record is."""
+        if await self.crashloops.release(key):
+            self.released(key)
+            return True
+        if self.cluster is None or local:
             return False
-        self.released(key)
-        return True
+        try:
+            return await self.cluster.release_elsewhere(key, KILL_ANSWER_GRACE + 2.0)
+        except UnknownHere:
+            return await self.cluster.release_stored(key)
 
     def released(self, key: str) -> None:
         if (s := self.sessions.get(key)) is not None:

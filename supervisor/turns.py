@@ -289,6 +289,8 @@ class Turns:
         t = self._take(w)
         if t is None:
             return
+        if exit.reason is ExitReason.LEASE_LOST:
+            return  # another node holds the session now and runs the turn again
         if exit.reason is ExitReason.DRAIN:
             t.session.queue.appendleft(t.message)
             await self.inbox.undo_start(t.message)

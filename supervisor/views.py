@@ -11,6 +11,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from corral.protocol.control import (
     DeadLetterInfo,
     DeadLetterList,
@@ -48,6 +50,14 @@ def session_info(sup: Supervisor, key: str, stored: SessionSummary | None = None
     (the store's summary of it) adds its message count and last message time, and
     its restarts and last exit if this run has not seen it yet."""
     live = sup.sessions.get(key)
+    if live is None and sup.cluster is not None:  # another node may run it
+        row = sup.cluster.others.get(key)
+        if row is not None:
+            if stored is None:
+                return row
+            return msgspec.structs.replace(
+                row, messages=stored.messages, last_message_at=stored.last_message_at
+            )
     s = live or Session(key)
     now = asyncio.get_running_loop().time()
     w = s.worker
@@ -79,16 +89,34 @@ def session_info(sup: Supervisor, key: str, stored: SessionSummary | None = None
         messages=stored.messages if stored else None,
         last_message_at=stored.last_message_at if stored else None,
         progress=t.note if t else None,
+        node=sup.cluster.node if sup.cluster is not None else "",
     )
+
+
+def local_session_infos(sup: Supervisor) -> list[SessionInfo]:
+    """The sessions this node runs (in a cluster, what it tells the others)."""
+    return [session_info(sup, s.key) for s in sorted(sup.sessions, key=_key)]
 
 
 def session_list(sup: Supervisor, stored: list[SessionSummary] | None = None) -> SessionList:
     """The live sessions; with `stored` (`ls --all`), every session the store knows too."""
     if stored is None:
-        return SessionList([session_info(sup, s.key) for s in sorted(sup.sessions, key=_key)])
+        return SessionList(_with_other_nodes(sup, local_session_infos(sup)))
     by_key = {r.session: r for r in stored}
     keys = sorted({*by_key, *(s.key for s in sup.sessions)})
-    return SessionList([session_info(sup, k, by_key.get(k)) for k in keys])
+    return SessionList(_with_other_nodes(sup, [session_info(sup, k, by_key.get(k)) for k in keys]))
+
+
+def _with_other_nodes(sup: Supervisor, rows: list[SessionInfo]) -> list[SessionInfo]:
+    """In a cluster: the live sessions of the other nodes too (this node's rows win)."""
+    if sup.cluster is None:
+        return rows
+    by_key = {r.session: r for r in rows}
+    for r in sup.cluster.other_sessions():
+        mine = by_key.get(r.session)
+        if mine is None or (mine.state == INACTIVE and mine.pid is None):
+            by_key[r.session] = r
+    return [by_key[k] for k in sorted(by_key)]
 
 
 async def stored_sessions(sup: Supervisor, key: str | None = None) -> list[SessionSummary]:
@@ -184,6 +212,8 @@ def status(sup: Supervisor) -> Status:
         config=sup.config_path,
         store=store_health(sup),
         sandbox=sup.spawner.sandbox,
+        node=sup.cluster.node if sup.cluster is not None else "",
+        nodes=sup.cluster.nodes() if sup.cluster is not None else [],
     )
 
 

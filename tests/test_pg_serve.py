@@ -1,5 +1,5 @@
-"""`corral serve` on a PostgreSQL store: the same user-visible behaviour as on SQLite,
-and, until sessions are leased to nodes, one node per database."""
+"""`corral serve` on a PostgreSQL store: the same user-visible behaviour as on SQLite;
+nodes of one database need names of their own (tests/test_cluster.py: the cluster)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def test_a_supervisor_on_postgresql_answers_and_keeps_one_message_per_id(corral,
     assert status.returncode == 0
 
 
-def test_a_second_node_on_the_same_database_refuses_to_start(corral, pg_url, tmp_path):
+def test_a_second_node_with_the_same_name_on_the_same_database_refuses_to_start(
+    corral, pg_url, tmp_path
+):
     corral({"store": {"url": pg_url}})
     other = Corral(tmp_path / "other", {"store": {"url": pg_url}})
     proc = subprocess.run(
@@ -33,7 +35,7 @@ def test_a_second_node_on_the_same_database_refuses_to_start(corral, pg_url, tmp
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "store.url: another corral node is using" in proc.stderr
+    assert "cluster.node: another node named" in proc.stderr
     assert "password" not in proc.stderr
 
 
