@@ -71,6 +71,8 @@ class Inbox:
         # through here (a re-run's earlier replies are only in the store)
         self._replies: dict[str, list[Reply]] = {}
         self._closing: asyncio.Future[None] | None = None
+        # messages whose first start the store counted with their accept, not yet used
+        self._counted: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -88,15 +90,22 @@ class Inbox:
         return pending
 
     async def accept(
-        self, session: str, text: str, origin: Origin, client_id: str | None
+        self, session: str, text: str, origin: Origin, client_id: str | None, start: bool = False
     ) -> Accepted:
-        """Store a message durably; a duplicate client id gives back the first one."""
-        accepted = await self.store.accept(session, text, origin, client_id)
+        """Store a message durably; a duplicate client id gives back the first one.
+
+        `start`: its turn will most likely run at once (the session's worker is idle), so
+        the store counts that start with the accept, in one commit; the first
+        `start_attempt` of the message then uses that count instead of committing again.
+        """
+        accepted = await self.store.accept(session, text, origin, client_id, start=start)
         if not accepted.duplicate:
             self.metrics.accepted.labels(origin.channel).inc()
             self.metrics.inbox_depth.inc()
             self._ended[accepted.message.id] = asyncio.get_running_loop().create_future()
             self._replies[accepted.message.id] = []
+            if start:
+                self._counted.add(accepted.message.id)
         return accepted
 
     async def accept_batch(
@@ -120,7 +129,12 @@ class Inbox:
         return out
 
     async def start_attempt(self, message: Message) -> int:
-        attempt = await self.store.start_attempt(message.id)
+        """Count a start of the message's turn, durably, before it runs; the new count."""
+        if message.id in self._counted:
+            self._counted.discard(message.id)  # counted, and committed, with the accept
+            attempt = message.attempts
+        else:
+            attempt = await self.store.start_attempt(message.id)
         for listener in self.on_start:
             listener(message)
         return attempt
@@ -150,6 +164,7 @@ class Inbox:
     async def finish(self, message: Message, state: str) -> None:
         """The message leaves the inbox: its turn has ended with `state`."""
         self._stopped(message)
+        self._counted.discard(message.id)  # answered without running (a quarantine)
         await self.store.finish(message.id, state)
         self.metrics.inbox_depth.dec()
         fut = self._ended.pop(message.id, None)

@@ -143,9 +143,17 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
     # ---- inbox
 
     async def accept(
-        self, session: str, text: str, origin: Origin, client_id: str | None
+        self,
+        session: str,
+        text: str,
+        origin: Origin,
+        client_id: str | None,
+        start: bool = False,
     ) -> Accepted:
-        """Store a message durably; the same client id twice returns the first one."""
+        """Store a message durably; the same client id twice returns the first one.
+
+        `start`: the message's turn is about to run, so its first start is counted in the
+        same transaction (one commit instead of two; a duplicate is not counted)."""
         message_id = client_id or uuid.uuid4().hex
 
         def op(conn: sqlite3.Connection) -> Accepted:
@@ -156,15 +164,21 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
             if row is not None:
                 return Accepted(_message(row), True)
             cur = conn.execute(
-                "INSERT INTO messages (id, session, text, origin, accepted_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (message_id, session, text, _origin_encode(origin), time.time()),
+                "INSERT INTO messages (id, session, text, origin, accepted_at, attempts) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (message_id, session, text, _origin_encode(origin), time.time(), int(start)),
             )
             seq = cur.lastrowid
             assert seq is not None
-            return Accepted(
-                Message(id=message_id, session=session, text=text, origin=origin, seq=seq), False
+            message = Message(
+                id=message_id,
+                session=session,
+                text=text,
+                origin=origin,
+                seq=seq,
+                attempts=int(start),
             )
+            return Accepted(message, False)
 
         return await self._submit(op)
 

@@ -185,24 +185,42 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps):
     # ---- inbox
 
     async def accept(
-        self, session: str, text: str, origin: Origin, client_id: str | None
+        self,
+        session: str,
+        text: str,
+        origin: Origin,
+        client_id: str | None,
+        start: bool = False,
     ) -> Accepted:
-        """Store a message durably; the same client id twice returns the first one."""
+        """Store a message durably; the same client id twice returns the first one.
+        `start`: count its first start in the same transaction (see Store.accept)."""
         message_id = client_id or uuid.uuid4().hex
 
         def op(conn: psycopg.Connection[Any]) -> Accepted:
             # insert first: a concurrent insert of the same id on another node makes this
             # wait for that transaction, then do nothing, and the select below finds it
             row = conn.execute(
-                "INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
-                (message_id, session, text.encode(), _origin_encode(origin).decode(), time.time()),
+                "INSERT INTO corral.messages (id, session, text, origin, accepted_at, attempts) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq",
+                (
+                    message_id,
+                    session,
+                    text.encode(),
+                    _origin_encode(origin).decode(),
+                    time.time(),
+                    int(start),
+                ),
             ).fetchone()
             if row is not None:
-                return Accepted(
-                    Message(id=message_id, session=session, text=text, origin=origin, seq=row[0]),
-                    False,
+                message = Message(
+                    id=message_id,
+                    session=session,
+                    text=text,
+                    origin=origin,
+                    seq=row[0],
+                    attempts=int(start),
                 )
+                return Accepted(message, False)
             first = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages WHERE id = %s", (message_id,)
             ).fetchone()

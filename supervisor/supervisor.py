@@ -216,7 +216,15 @@ class Supervisor:
         s = self.sessions.get(session)
         if s is not None and len(s.queue) >= self.limits.max_queue:
             raise QueueFull(f"session {session} has {len(s.queue)} messages waiting")
-        accepted = await self.inbox.accept(session, text, origin, client_id)
+        # an idle worker with nothing queued runs this turn next: its start is counted
+        # in the accept's commit, which saves a commit on the way to the worker
+        start = (
+            s is not None
+            and s.worker is not None
+            and s.worker.state is SessionState.IDLE
+            and not s.queue
+        )
+        accepted = await self.inbox.accept(session, text, origin, client_id, start=start)
         if accepted.duplicate:
             if accepted.message.session != session:
                 raise IdConflict(f"id {accepted.message.id!r} was already used for another session")
