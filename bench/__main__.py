@@ -20,7 +20,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import durability, isolation, reaction, report, scale, spawn, stop, throughput
+from bench import (
+    durability,
+    isolation,
+    memory,
+    reaction,
+    report,
+    scale,
+    spawn,
+    stop,
+    throughput,
+)
 from bench.common import Bench, Plan
 from bench.servers import REPO, RUN_ID, stop_all
 
@@ -32,6 +42,7 @@ BENCHMARKS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "scale": scale.run,
     "stop": stop.run,
     "durability": durability.run,
+    "memory": memory.run,
 }
 
 

@@ -278,6 +278,33 @@ def durability(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def memory(r: dict[str, Any]) -> list[str]:
+    rows = [["agent", "workers", "USS median/max", "PSS median/max", "RSS median", "zygote RSS"]]
+    for name in ("echo", "openai"):
+        m = r.get(name, {})
+        if "error" in m or not m.get("sampled"):
+            rows.append([name, "-", m.get("error", "no worker measured"), "", "", ""])
+            continue
+        rows.append(
+            [
+                name,
+                str(m["workers"]),
+                f"{m['uss_median_mib']:.2f} / {m['uss_max_mib']:.2f} MiB",
+                f"{m['pss_median_mib']:.2f} / {m['pss_max_mib']:.2f} MiB",
+                f"{m['rss_median_mib']:.2f} MiB",
+                f"{m['zygote_rss_mib']:.2f} MiB",
+            ]
+        )
+    pss = r.get("openai", {}).get("pss_median_mib")
+    goal = r["goal_openai_pss_mib"]
+    met = None if pss is None else pss <= goal
+    return [
+        "8. Memory: one idle worker after one turn (openai: streamed, from a local fake endpoint)",
+        *_table(rows),
+        f"   goal: openai worker PSS <= {goal:g} MiB: {_verdict(met)}",
+    ]
+
+
 SECTIONS = {
     "isolation": isolation,
     "reaction": reaction,
@@ -286,6 +313,7 @@ SECTIONS = {
     "scale": scale,
     "stop": stop,
     "durability": durability,
+    "memory": memory,
 }
 
 

@@ -60,3 +60,65 @@ def test_messages_to_an_idle_worker_are_counted_once_each(tmp_path):
     rows = db.execute("SELECT attempts, state FROM messages ORDER BY seq").fetchall()
     assert rows == [(1, "done")] * 5
     assert c.stop() == 0
+
+
+# ---- the agent's warm-up, run by the zygote before it forks
+
+
+def test_the_agents_warm_up_runs_once_in_the_zygote_with_the_options(tmp_path):
+    c = Corral(
+        tmp_path,
+        config={"agent.options": {"greeting": "hi"}},
+        agent="tests.agents_warm:agent",
+    ).start()
+    zygote = json.loads(c.cli("status", "--json").stdout)["zygote_pid"]
+    first = c.texts("a", "x")
+    second = c.texts("b", "x")
+    for (text,) in (first, second):
+        assert text.startswith(f"warmed in {zygote} (1 calls) hi; worker ")
+        assert text.rsplit(" ", 1)[1] != str(zygote)
+    assert first != second  # two workers, one warm-up
+    assert c.stop() == 0
+    assert not c.leftovers()
+
+
+def test_a_warm_up_that_raises_leaves_workers_working_and_the_log_says_why(tmp_path):
+    c = Corral(tmp_path, agent="tests.agents_warm_raises:agent").start()
+    assert c.texts("s", "x") == ["cold x"]
+    assert c.stop() == 0
+    assert "warm-up exploded on purpose" in c.log()
+    assert "warm_up failed; workers start cold" in c.log()
+
+
+def test_a_warm_up_that_leaves_a_thread_running_is_refused_at_start(tmp_path):
+    c = Corral(tmp_path, agent="tests.agents_warm_thread:agent")
+    try:
+        c.start()
+    except RuntimeError as e:
+        assert "left threads running (left-behind)" in str(e)
+    else:
+        raise AssertionError("corral started on a zygote that has a thread running")
+    assert not c.leftovers()
+
+
+def test_the_openai_warm_up_sends_nothing_and_leaves_no_thread_or_connection():
+    import threading
+
+    import psutil
+
+    from corral.worker.agents import openai as openai_agent
+    from tests.fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI().start()
+    try:
+        me = psutil.Process()
+        threads, sockets = threading.active_count(), len(me.net_connections())
+        openai_agent.warm_up({"model": "m", "base_url": fake.base_url})
+        assert fake.chat_requests() == []
+        assert threading.active_count() == threads
+        assert len(me.net_connections()) == sockets
+        # the client a turn will use is built, for the configured endpoint
+        assert [ident[0] for ident in openai_agent._clients] == [fake.base_url]
+    finally:
+        openai_agent._clients.clear()
+        fake.stop()

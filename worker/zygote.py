@@ -18,6 +18,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 from corral.protocol import cgroupfs, spawn
 from corral.protocol.procfs import become_subreaper, kill_strays, set_title
 from corral.worker.confine import confine, die_with_parent
-from corral.worker.runtime import Agent, AgentLoadError, Runtime, load_agent
+from corral.worker.runtime import Agent, AgentLoadError, Runtime, load_agent, warm_up
 
 
 def _reaped() -> Iterator[tuple[int, int]]:
@@ -68,6 +69,9 @@ class Zygote:
             self.agent = load_agent(settings.entrypoint)
         except AgentLoadError as e:
             self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {e}"))
+            return
+        if (error := warm_up_agent(settings)) is not None:
+            self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {error}"))
             return
         gc.freeze()  # keep preloaded objects out of the collector, so forks share their pages
         self.send(spawn.Ready(pid=os.getpid()))
@@ -172,6 +176,26 @@ class Zygote:
             if not killed and not self.dying_cgroups:
                 return
             time.sleep(0.01)
+
+
+def warm_up_agent(settings: spawn.WorkerSettings) -> str | None:
+    """Run the agent's warm-up (runtime.warm_up) before the first fork; why the zygote
+    cannot fork safely after it, if it cannot.
+
+    A warm-up that raises costs only memory (every worker builds what it would have
+    shared): the error is printed and the zygote goes on. One that leaves a thread
+    running is refused: a fork copies the locks that thread may hold, held, and a
+    worker would hang on one of them.
+    """
+    try:
+        warm_up(settings.entrypoint, settings.options)
+    except Exception:
+        print("corral zygote: the agent's warm_up failed; workers start cold:", file=sys.stderr)
+        traceback.print_exc()
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if others:
+        return f"its warm_up left threads running ({', '.join(others)}); a fork would copy them"
+    return None
 
 
 def _terminate(signum: int, frame: object) -> None:
