@@ -71,10 +71,13 @@ try:
     # Imported with the module, so the zygote preloads the SDK (~1 s) once and every
     # forked worker shares it; a missing SDK surfaces as a TurnError on the first turn.
     import openai
-    from openai._base_client import httpx2 as httpx  # the SDK's own HTTP client library
+    from openai import _base_client
+
+    # the SDK's own HTTP client library (httpx, or its successor httpx2)
+    httpx: Any = getattr(_base_client, "httpx2", None) or getattr(_base_client, "httpx")  # noqa: B009
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     openai = None  # type: ignore[assignment]
-    httpx = None  # type: ignore[assignment]
+    httpx = None
 
 # The transport logs every request's full URL at INFO; ours is the line that matters.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
