@@ -62,28 +62,32 @@ async def one(server: CorralServer | BaselineServer, seconds: float) -> dict[str
 async def run(rev: str, rounds: int, seconds: float, tmp: Path, env: dict[str, str]) -> None:
     path = export(rev, tmp / "rev")
     rates: dict[str, list[float]] = {rev: [], "tree": [], "bare": []}
+    cpu: dict[str, list[float]] = {rev: [], "tree": [], "bare": []}
     ratios: dict[str, list[float]] = {rev: [], "tree": []}
     config = {"supervisor": {"idle_timeout": "1h"}}
     for n in range(rounds):
         got: dict[str, float] = {}
+        used: dict[str, float] = {}
         order = [rev, "tree"] if n % 2 == 0 else ["tree", rev]
         for name in order:
             extra = dict(env)
             if name == rev:
                 extra["PYTHONPATH"] = str(path)
             server = CorralServer(tmp, f"ab-{name}-{n}", config=config, env=extra)
-            got[name] = (await one(server, seconds))["messages_per_s"]
-        got["bare"] = (await one(BaselineServer(tmp, f"ab-bare-{n}", "echo", 5.0), seconds))[
-            "messages_per_s"
-        ]
+            r = await one(server, seconds)
+            got[name], used[name] = r["messages_per_s"], r["server_cpu_us_per_message"] or 0
+        r = await one(BaselineServer(tmp, f"ab-bare-{n}", "echo", 5.0), seconds)
+        got["bare"], used["bare"] = r["messages_per_s"], r["server_cpu_us_per_message"] or 0
         for k, v in got.items():
             rates[k].append(v)
+            cpu[k].append(used[k])
         for k in ratios:
             ratios[k].append(got[k] / got["bare"] if got["bare"] else 0.0)
-        line = ", ".join(f"{k} {v:.0f}/s" for k, v in got.items())
+        line = ", ".join(f"{k} {v:.0f}/s ({used[k]:.0f} us CPU/msg)" for k, v in got.items())
         print(f"round {n + 1}: {line}", flush=True)
     for k, v in rates.items():
         print(f"{k:>10}: median {statistics.median(v):.0f} msg/s", end="")
+        print(f", server CPU {statistics.median(cpu[k]):.0f} us/msg", end="")
         if k in ratios:
             print(f", ratio to bare {statistics.median(ratios[k]):.3f}", end="")
         print()

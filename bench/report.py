@@ -183,7 +183,7 @@ def spawn(r: dict[str, Any]) -> list[str]:
 
 
 def throughput(r: dict[str, Any]) -> list[str]:
-    rows = [["", "messages/s", "p50", "p99", "CPU, % of one core"]]
+    rows = [["", "messages/s", "p50", "p99", "server CPU/msg", "CPU, % of one core"]]
     names = (
         ("corral", "corral"),
         ("corral, commits not synced", "corral_no_fsync"),
@@ -199,6 +199,7 @@ def throughput(r: dict[str, Any]) -> list[str]:
                 _n(x["messages_per_s"]),
                 _n(x["p50_ms"], " ms", 2),
                 _n(x["p99_ms"], " ms", 2),
+                _n(x.get("server_cpu_us_per_message"), " us"),
                 cpu(x["cpu_pct"]),
             ]
         )

@@ -121,10 +121,11 @@ def main() -> None:
 def serve(config: Config, log_level: str) -> None:
     """Run the supervisor."""
     # imported here: the client commands need none of the supervisor
+    from corral.supervisor.app import event_loop_factory
     from corral.supervisor.app import serve as run
 
-    with logging_to_stderr(log_level):
-        code = asyncio.run(run(config))
+    with logging_to_stderr(log_level), asyncio.Runner(loop_factory=event_loop_factory()) as r:
+        code = r.run(run(config))
     sys.exit(code)
 
 

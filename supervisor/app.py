@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -64,6 +65,21 @@ def feed_systemd(sup: Supervisor, notifier: Notifier) -> None:
             last["status"] = now
 
     sup.lag.on_tick.append(tick)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop, if it is installed (`pip install 'corral[fast]'`) and not turned
+    off with CORRAL_EVENT_LOOP=asyncio; else None: asyncio's own.
+
+    Both run the same code: uvloop is a drop-in implementation of asyncio's loop on
+    libuv, with less overhead per callback, socket read and write."""
+    if os.environ.get("CORRAL_EVENT_LOOP", "") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 def open_store(config: Config) -> AnyStore:
@@ -126,7 +142,10 @@ async def serve(config: Config) -> int:
         feed_systemd(sup, notifier)
         notifier.notify("READY=1", views.systemd_status(sup))
         log.info(
-            "corral is serving: agent %s, state in %s", config.agent.entrypoint, config.state_path
+            "corral is serving: agent %s, state in %s, event loop %s",
+            config.agent.entrypoint,
+            config.state_path,
+            type(loop).__module__.partition(".")[0],
         )
         await sup.wait_stop_requested()
         notifier.notify("STOPPING=1", "STATUS=draining")
