@@ -125,8 +125,22 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
     def _commit_group(
         self, conn: sqlite3.Connection, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]]
     ) -> list[Result]:
-        """Run `ops` in one transaction, each in a savepoint of its own; one commit."""
-        results: list[Result] = []
+        """Run `ops` in one transaction, each in a savepoint of its own; one commit.
+
+        First without the savepoints, since operations rarely fail: three statements
+        fewer per operation, each a release and a retake of the GIL the loop needs. If
+        one fails, the group is rolled back and run again, each in its savepoint, so it
+        fails alone (operations only read and write the database: running one twice
+        in a transaction rolled back between is running it once)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[Result] = [(fut, fn(conn), None) for fn, fut in ops]
+        except Exception:
+            conn.execute("ROLLBACK")
+        else:
+            conn.execute("COMMIT")
+            return results
+        results = []
         conn.execute("BEGIN IMMEDIATE")
         for fn, fut in ops:
             conn.execute("SAVEPOINT op")
