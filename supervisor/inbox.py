@@ -221,14 +221,27 @@ class Inbox:
 
     async def wait_or_closing(self, fut: asyncio.Future[Any], timeout: float) -> None:
         """Wait for `fut` (never cancelling it) until `timeout` or until the supervisor stops."""
-        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.shield(fut))]
-        if self._closing is not None:
-            waiters.append(asyncio.ensure_future(asyncio.shield(self._closing)))
+        if fut.done():
+            return
+        # one future and one timer, woken by whichever comes first: every ?wait passes
+        # here, and shield() + wait() cost four tasks and futures per request
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        watched = [f for f in (fut, self._closing) if f is not None]
+        for f in watched:
+            f.add_done_callback(wake)
+        timer = loop.call_later(timeout, wake)
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await woken
         finally:
-            for w in waiters:
-                w.cancel()
+            timer.cancel()
+            for f in watched:
+                f.remove_done_callback(wake)
 
     def close_waits(self) -> None:
         """Every waiting ?wait and long-poll answers now (the supervisor is draining)."""

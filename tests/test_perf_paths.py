@@ -122,3 +122,51 @@ def test_the_openai_warm_up_sends_nothing_and_leaves_no_thread_or_connection():
     finally:
         openai_agent._clients.clear()
         fake.stop()
+
+
+# ---- ?wait: one future and one timer per request
+
+
+def test_a_wait_on_a_turn_still_running_answers_pending_at_its_timeout(tmp_path):
+    c = Corral(tmp_path, agent=CHAOS).start()
+    started = time.monotonic()
+    status, body = c.request(
+        "POST", "/v1/messages?wait=1", {"session": "slow", "text": "sleep 30"}, timeout=20
+    )
+    waited = time.monotonic() - started
+    assert status == 200 and body["status"] == "pending" and body["replies"] == []
+    assert 0.9 < waited < 10
+    # the same wait ends with the turn when the turn ends first
+    status, body = c.request(
+        "POST", "/v1/messages?wait=30", {"session": "quick", "text": "echo fast"}, timeout=40
+    )
+    assert status == 200 and body["status"] == "done"
+    assert [r["text"] for r in body["replies"]] == ["fast"]
+    assert c.stop() == 0
+
+
+def test_a_long_wait_answers_at_once_when_the_supervisor_drains(tmp_path):
+    import threading
+
+    c = Corral(tmp_path, {"supervisor": {"drain_timeout": "20s"}}, agent=CHAOS).start()
+    got: dict = {}
+
+    def waiting() -> None:
+        got["answer"] = c.request(
+            "POST", "/v1/messages?wait=120", {"session": "s", "text": "sleep 8"}, timeout=130
+        )
+        got["at"] = time.monotonic()
+
+    t = threading.Thread(target=waiting)
+    t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not [r for r in c.ls() if r["state"] == "busy"]:
+        time.sleep(0.05)
+    assert c.proc is not None
+    c.proc.terminate()
+    terminated = time.monotonic()
+    t.join(60)
+    status, body = got["answer"]
+    assert status == 200 and body["status"] == "pending"
+    assert got["at"] - terminated < 5  # not at the turn's end (8 s), nor at the wait's
+    assert c.proc.wait(60) == 0
