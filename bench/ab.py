@@ -1,4 +1,4 @@
-"""python -m bench.ab REV [--rounds N] [--seconds S]: throughput of REV vs this tree.
+"""python -m bench.ab REV [--rounds N] [--seconds S] [--tree-env K=V]: REV vs this tree.
 
 On a shared machine one run's figure says little; two runs side by side, taken in
 turns, say more. This exports commit REV of the repository to a temporary directory
@@ -59,7 +59,9 @@ async def one(server: CorralServer | BaselineServer, seconds: float) -> dict[str
             server.kill()
 
 
-async def run(rev: str, rounds: int, seconds: float, tmp: Path, env: dict[str, str]) -> None:
+async def run(
+    rev: str, rounds: int, seconds: float, tmp: Path, env: dict[str, str], tree_env: dict[str, str]
+) -> None:
     path = export(rev, tmp / "rev")
     rates: dict[str, list[float]] = {rev: [], "tree": [], "bare": []}
     cpu: dict[str, list[float]] = {rev: [], "tree": [], "bare": []}
@@ -71,6 +73,8 @@ async def run(rev: str, rounds: int, seconds: float, tmp: Path, env: dict[str, s
         order = [rev, "tree"] if n % 2 == 0 else ["tree", rev]
         for name in order:
             extra = dict(env)
+            if name == "tree":
+                extra.update(tree_env)
             if name == rev:
                 extra["PYTHONPATH"] = str(path)
             server = CorralServer(tmp, f"ab-{name}-{n}", config=config, env=extra)
@@ -99,12 +103,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--no-fsync", action="store_true")
+    parser.add_argument(
+        "--tree-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for the tree's server only, e.g. CORRAL_EVENT_LOOP=asyncio",
+    )
     args = parser.parse_args()
     env = {"CORRAL_BENCH_NO_FSYNC": "1"} if args.no_fsync else {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="corral-ab-") as tmp:
         try:
-            asyncio.run(run(args.rev, args.rounds, args.seconds, Path(tmp), env))
+            tree_env = dict(kv.split("=", 1) for kv in args.tree_env)
+            asyncio.run(run(args.rev, args.rounds, args.seconds, Path(tmp), env, tree_env))
         finally:
             stop_all()
     print(f"{time.monotonic() - started:.0f} s", file=sys.stderr)
