@@ -171,19 +171,20 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
         message_id = client_id or uuid.uuid4().hex
 
         def op(conn: sqlite3.Connection) -> Accepted:
-            row = conn.execute(
-                "SELECT seq, id, session, text, origin, attempts, state FROM messages WHERE id = ?",
-                (message_id,),
-            ).fetchone()
-            if row is not None:
-                return Accepted(_message(row), True)
-            cur = conn.execute(
+            # insert first, one statement in the common case; a known id inserts nothing
+            inserted = conn.execute(
                 "INSERT INTO messages (id, session, text, origin, accepted_at, attempts) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING seq",
                 (message_id, session, text, _origin_encode(origin), time.time(), int(start)),
-            )
-            seq = cur.lastrowid
-            assert seq is not None
+            ).fetchone()
+            if inserted is None:
+                row = conn.execute(
+                    "SELECT seq, id, session, text, origin, attempts, state FROM messages "
+                    "WHERE id = ?",
+                    (message_id,),
+                ).fetchone()
+                return Accepted(_message(row), True)
+            (seq,) = inserted
             message = Message(
                 id=message_id,
                 session=session,
