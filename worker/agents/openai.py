@@ -651,84 +651,12 @@ def tls_context() -> ssl.SSLContext:
     return _tls_context
 
 
-class _Rehearsal:
-    """A Context for the warm-up's requests: nothing is reported anywhere."""
-
-    options: dict[str, Any] = {}
-    log = logging.getLogger("corral.agent.warm_up")
-
-    def progress(self, note: str = "") -> None:
-        pass
-
-
-_REHEARSAL_CHUNK = (
-    b'data: {"id":"w","object":"chat.completion.chunk","created":0,"model":"w",'
-    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"ok"},"finish_reason":null}]}'
-    b"\n\n"
-    b'data: {"id":"w","object":"chat.completion.chunk","created":0,"model":"w",'
-    b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
-    b"data: [DONE]\n\n"
-)
-_REHEARSAL_WHOLE = (
-    b'{"id":"w","object":"chat.completion","created":0,"model":"w","choices":[{"index":0,'
-    b'"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
-    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
-)
-
-
-def _rehearsed(request: Any) -> Any:
-    """The warm-up's in-memory endpoint: a canned answer, streamed or whole."""
-    streamed = b'"stream":true' in request.content or b'"stream": true' in request.content
-    if streamed:
-        return httpx.Response(
-            200, headers={"content-type": "text/event-stream"}, content=_REHEARSAL_CHUNK
-        )
-    return httpx.Response(
-        200, headers={"content-type": "application/json"}, content=_REHEARSAL_WHOLE
-    )
-
-
 def warm_up(options: dict[str, Any]) -> None:
-    """Run by the zygote once, before it forks any worker (the agent interface's hook).
+    """Run by the zygote once, before it forks any worker (the agent interface's hook):
+    see openai_warm.py."""
+    from corral.worker.agents import openai_warm
 
-    Builds the TLS context every client shares, runs requests through the SDK against
-    an in-memory transport (nothing is sent), so its lazily imported modules, response
-    types and validators exist before the fork, and the interpreter has specialised
-    the code of a turn; then builds the client a turn will use, for the configured
-    endpoint, so every worker shares it instead of building its own.
-
-    Nothing that must not cross a fork is left: that client has no connection yet (its
-    pool opens them in the worker, on the first turn), and its pool's lock is not held
-    (the zygote has no other thread, and nothing runs while it forks); the rehearsals'
-    client is closed and dropped; no thread or event loop is left behind.
-    """
-    if openai is None:
-        return
-    tls_context()
-    rehearsal_client = openai.OpenAI(
-        base_url="http://warm-up.invalid/v1",
-        api_key=PLACEHOLDER_KEY,
-        max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(_rehearsed)),
-    )
-    rehearsal: Any = _Rehearsal()
-    messages = [{"role": "user", "content": "warm-up"}]
-    try:
-        for _ in range(REHEARSALS):  # a few times: the interpreter specialises hot code
-            args = request_args(Options(model="warm-up"), messages, {})
-            streamed_answer(rehearsal_client, args, rehearsal)
-            whole_answer(rehearsal_client, args, rehearsal)
-    finally:
-        rehearsal_client.close()
-    try:
-        configured = load_options(options)
-        key = api_key(configured)
-    except TurnError:
-        return  # each turn will say what is wrong with the options
-    client_for(configured, key).chat.completions  # noqa: B018 - built on first use
-
-
-REHEARSALS = 10
+    openai_warm.warm_up(options)
 
 
 def agent(turn: Turn, ctx: Context) -> None:
