@@ -95,7 +95,7 @@ def test_a_warm_up_that_leaves_a_thread_running_is_refused_at_start(tmp_path):
     try:
         c.start()
     except RuntimeError as e:
-        assert "left threads running (left-behind)" in str(e)
+        assert "threads are running after its import and warm_up (left-behind)" in str(e)
     else:
         raise AssertionError("corral started on a zygote that has a thread running")
     assert not c.leftovers()

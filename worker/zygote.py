@@ -183,9 +183,9 @@ def warm_up_agent(settings: spawn.WorkerSettings) -> str | None:
     cannot fork safely after it, if it cannot.
 
     A warm-up that raises costs only memory (every worker builds what it would have
-    shared): the error is printed and the zygote goes on. One that leaves a thread
-    running is refused: a fork copies the locks that thread may hold, held, and a
-    worker would hang on one of them.
+    shared): the error is printed and the zygote goes on. A thread left running (by
+    the warm-up, or by the agent's import) is refused: a fork copies the locks that
+    thread may hold, held, and a worker would hang on one of them.
     """
     try:
         warm_up(settings.entrypoint, settings.options)
@@ -194,7 +194,10 @@ def warm_up_agent(settings: spawn.WorkerSettings) -> str | None:
         traceback.print_exc()
     others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if others:
-        return f"its warm_up left threads running ({', '.join(others)}); a fork would copy them"
+        return (
+            f"threads are running after its import and warm_up ({', '.join(others)}): "
+            "a fork would copy the locks they hold; start them in the worker instead"
+        )
     return None
 
 
