@@ -25,6 +25,7 @@ from bench import (
     durability,
     floods,
     isolation,
+    memory,
     reaction,
     report,
     sandbox,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "durability": durability.run,
     "sandbox": sandbox.run,
     "cluster": cluster.run,
+    "memory": memory.run,
 }
 
 

@@ -52,6 +52,10 @@ class Plan:
         return 5.0 if self.quick else 20.0
 
     @property
+    def memory_workers(self) -> int:
+        return 8 if self.quick else 16
+
+    @property
     def stop_workers(self) -> int:
         return 20 if self.quick else 100
 

@@ -183,7 +183,7 @@ def spawn(r: dict[str, Any]) -> list[str]:
 
 
 def throughput(r: dict[str, Any]) -> list[str]:
-    rows = [["", "messages/s", "p50", "p99", "CPU, % of one core"]]
+    rows = [["", "messages/s", "p50", "p99", "server CPU/msg", "CPU, % of one core"]]
     names = (
         ("corral", "corral"),
         ("corral, commits not synced", "corral_no_fsync"),
@@ -199,6 +199,7 @@ def throughput(r: dict[str, Any]) -> list[str]:
                 _n(x["messages_per_s"]),
                 _n(x["p50_ms"], " ms", 2),
                 _n(x["p99_ms"], " ms", 2),
+                _n(x.get("server_cpu_us_per_message"), " us"),
                 cpu(x["cpu_pct"]),
             ]
         )
@@ -362,6 +363,33 @@ def cluster(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def memory(r: dict[str, Any]) -> list[str]:
+    rows = [["agent", "workers", "USS median/max", "PSS median/max", "RSS median", "zygote RSS"]]
+    for name in ("echo", "openai"):
+        m = r.get(name, {})
+        if "error" in m or not m.get("sampled"):
+            rows.append([name, "-", m.get("error", "no worker measured"), "", "", ""])
+            continue
+        rows.append(
+            [
+                name,
+                str(m["workers"]),
+                f"{m['uss_median_mib']:.2f} / {m['uss_max_mib']:.2f} MiB",
+                f"{m['pss_median_mib']:.2f} / {m['pss_max_mib']:.2f} MiB",
+                f"{m['rss_median_mib']:.2f} MiB",
+                f"{m['zygote_rss_mib']:.2f} MiB",
+            ]
+        )
+    pss = r.get("openai", {}).get("pss_median_mib")
+    goal = r["goal_openai_pss_mib"]
+    met = None if pss is None else pss <= goal
+    return [
+        "10. Memory: one idle worker after one turn (openai: streamed, from a local fake endpoint)",
+        *_table(rows),
+        f"   goal: openai worker PSS <= {goal:g} MiB: {_verdict(met)}",
+    ]
+
+
 SECTIONS = {
     "isolation": isolation,
     "floods": floods,
@@ -373,6 +401,7 @@ SECTIONS = {
     "durability": durability,
     "sandbox": sandbox,
     "cluster": cluster,
+    "memory": memory,
 }
 
 

@@ -57,8 +57,13 @@ async def closed_loop(
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    rate = done / elapsed
+    # the server's own CPU per message (its loop and other threads; a corral's workers
+    # apart): less at the mercy of a busy machine than messages/s
+    own = cpu.get("loop_thread", 0) + cpu.get("other_threads", 0)
     return {
-        "messages_per_s": round(done / elapsed, 1),
+        "messages_per_s": round(rate, 1),
+        "server_cpu_us_per_message": round(own / 100 / rate * 1e6) if rate else None,
         "p50_ms": ms(percentile(counted, 50)),
         "p99_ms": ms(percentile(counted, 99)),
         "failures": failures,

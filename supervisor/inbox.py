@@ -96,6 +96,8 @@ class Inbox:
         self._unsaved: deque[Unsaved] = deque()  # refused writes, in the order made
         self._unsaved_by: Counter[str] = Counter()  # message id -> refused writes of it
         self._retry = asyncio.Event()  # something to replay
+        # messages whose first start the store counted with their accept, not yet used
+        self._counted: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -134,10 +136,15 @@ class Inbox:
         return list(self._ended)
 
     async def accept(
-        self, session: str, text: str, origin: Origin, client_id: str | None
+        self, session: str, text: str, origin: Origin, client_id: str | None, start: bool = False
     ) -> Accepted:
-        """Store a message durably; a duplicate client id gives back the first one."""
-        accepted = await self.store.accept(session, text, origin, client_id)
+        """Store a message durably; a duplicate client id gives back the first one.
+
+        `start`: its turn will most likely run at once (the session's worker is idle), so
+        the store counts that start with the accept, in one commit; the first
+        `start_attempt` of the message then uses that count instead of committing again.
+        """
+        accepted = await self.store.accept(session, text, origin, client_id, start=start)
         m = accepted.message
         if accepted.duplicate and m.state == PENDING and m.id not in self._ended:
             # accepted by another node (of a cluster) that may be gone: ?wait here too
@@ -148,6 +155,8 @@ class Inbox:
             self.metrics.inbox_depth.inc()
             self._ended[accepted.message.id] = asyncio.get_running_loop().create_future()
             self._replies[accepted.message.id] = []
+            if start:
+                self._counted.add(accepted.message.id)
         return accepted
 
     async def accept_batch(
@@ -173,6 +182,11 @@ class Inbox:
     async def start_attempt(self, message: Message) -> int:
         """Count a start of the message's turn. While the store cannot write this waits for
         it (the message must not run uncounted); at drain it raises StoreUnavailable."""
+        if message.id in self._counted:
+            self._counted.discard(message.id)  # counted, and committed, with the accept
+            for listener in self.on_start:
+                listener(message)
+            return message.attempts
         delay = RETRY_FIRST
         while True:  # ends when the store takes the write, or when the supervisor stops
             try:
@@ -225,6 +239,7 @@ class Inbox:
         refuses (disk full), the finish is kept and replayed by `run`; this never raises
         for that, so the session moves on."""
         self._stopped(message)
+        self._counted.discard(message.id)  # answered without running (a quarantine)
         if inflight := self._inflight.pop(message.id, None):
             await asyncio.wait(inflight)  # their outcome is known (and handled) after this
         if not self._unsaved_by[message.id]:
@@ -346,14 +361,27 @@ class Inbox:
 
     async def wait_or_closing(self, fut: asyncio.Future[Any], timeout: float) -> None:
         """Wait for `fut` (never cancelling it) until `timeout` or until the supervisor stops."""
-        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.shield(fut))]
-        if self._closing is not None:
-            waiters.append(asyncio.ensure_future(asyncio.shield(self._closing)))
+        if fut.done():
+            return
+        # one future and one timer, woken by whichever comes first: every ?wait passes
+        # here, and shield() + wait() cost four tasks and futures per request
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        watched = [f for f in (fut, self._closing) if f is not None]
+        for f in watched:
+            f.add_done_callback(wake)
+        timer = loop.call_later(timeout, wake)
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await woken
         finally:
-            for w in waiters:
-                w.cancel()
+            timer.cancel()
+            for f in watched:
+                f.remove_done_callback(wake)
 
     def close_waits(self) -> None:
         """Every waiting ?wait and long-poll answers now (the supervisor is draining)."""

@@ -211,9 +211,23 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
     def _commit_group(
         self, conn: sqlite3.Connection, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]]
     ) -> list[Result]:
-        """Run `ops` in one transaction, each in a savepoint of its own; one commit."""
-        results: list[Result] = []
+        """Run `ops` in one transaction, each in a savepoint of its own; one commit.
+
+        First without the savepoints, since operations rarely fail: three statements
+        fewer per operation, each a release and a retake of the GIL the loop needs. If
+        one fails, the group is rolled back and run again, each in its savepoint, so it
+        fails alone (operations only read and write the database: running one twice
+        in a transaction rolled back between is running it once)."""
         self._changes = conn.total_changes
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results: list[Result] = [(fut, fn(conn), None) for fn, fut in ops]
+        except Exception:
+            conn.execute("ROLLBACK")
+        else:
+            conn.execute("COMMIT")
+            return results
+        results = []
         conn.execute("BEGIN IMMEDIATE")
         for fn, fut in ops:
             conn.execute("SAVEPOINT op")
@@ -230,28 +244,43 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
     # ---- inbox
 
     async def accept(
-        self, session: str, text: str, origin: Origin, client_id: str | None
+        self,
+        session: str,
+        text: str,
+        origin: Origin,
+        client_id: str | None,
+        start: bool = False,
     ) -> Accepted:
-        """Store a message durably; the same client id twice returns the first one."""
+        """Store a message durably; the same client id twice returns the first one.
+
+        `start`: the message's turn is about to run, so its first start is counted in the
+        same transaction (one commit instead of two; a duplicate is not counted)."""
         message_id = client_id or uuid.uuid4().hex
 
         def op(conn: sqlite3.Connection) -> Accepted:
-            row = conn.execute(
-                "SELECT seq, id, session, text, origin, attempts, state FROM messages WHERE id = ?",
-                (message_id,),
+            # insert first, one statement in the common case; a known id inserts nothing
+            inserted = conn.execute(
+                "INSERT INTO messages (id, session, text, origin, accepted_at, attempts) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING seq",
+                (message_id, session, text, _origin_encode(origin), time.time(), int(start)),
             ).fetchone()
-            if row is not None:
+            if inserted is None:
+                row = conn.execute(
+                    "SELECT seq, id, session, text, origin, attempts, state FROM messages "
+                    "WHERE id = ?",
+                    (message_id,),
+                ).fetchone()
                 return Accepted(_message(row), True)
-            cur = conn.execute(
-                "INSERT INTO messages (id, session, text, origin, accepted_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (message_id, session, text, _origin_encode(origin), time.time()),
+            (seq,) = inserted
+            message = Message(
+                id=message_id,
+                session=session,
+                text=text,
+                origin=origin,
+                seq=seq,
+                attempts=int(start),
             )
-            seq = cur.lastrowid
-            assert seq is not None
-            return Accepted(
-                Message(id=message_id, session=session, text=text, origin=origin, seq=seq), False
-            )
+            return Accepted(message, False)
 
         return await self._submit(op)
 

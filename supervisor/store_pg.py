@@ -212,22 +212,39 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
     # ---- inbox
 
     async def accept(
-        self, session: str, text: str, origin: Origin, client_id: str | None
+        self,
+        session: str,
+        text: str,
+        origin: Origin,
+        client_id: str | None,
+        start: bool = False,
     ) -> Accepted:
-        """Store a message durably; the same client id twice returns the first one."""
+        """Store a message durably; the same client id twice returns the first one.
+        `start`: count its first start in the same transaction (see Store.accept)."""
         message_id = client_id or uuid.uuid4().hex
 
         def op(conn: psycopg.Connection[Any]) -> Accepted:
             # insert first: a concurrent insert of the same id on another node makes this
             # wait for that transaction, then do nothing, and the select below finds it
             row = _insert_message(
-                conn, message_id, session, text, _origin_encode(origin).decode(), time.time()
+                conn,
+                message_id,
+                session,
+                text,
+                _origin_encode(origin).decode(),
+                time.time(),
+                attempts=int(start),
             )
             if row is not None:
-                return Accepted(
-                    Message(id=message_id, session=session, text=text, origin=origin, seq=row[0]),
-                    False,
+                message = Message(
+                    id=message_id,
+                    session=session,
+                    text=text,
+                    origin=origin,
+                    seq=row[0],
+                    attempts=int(start),
                 )
+                return Accepted(message, False)
             first = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM corral.messages WHERE id = %s", (message_id,)
             ).fetchone()
@@ -471,12 +488,15 @@ def _insert_message(
     text: str,
     origin: str,
     now: float,
+    attempts: int = 0,
 ) -> tuple[Any, ...] | None:
     """Insert a message unless its id exists: (seq,), or None. A new message's session
-    gets a lease row (free) to claim, and every node a hint; one statement."""
+    gets a lease row (free) to claim, and every node a hint; one statement. `attempts`: 1
+    when its first start is counted with it."""
     return conn.execute(
-        "WITH m AS (INSERT INTO corral.messages (id, session, text, origin, accepted_at) "
-        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING seq, session), "
+        "WITH m AS (INSERT INTO corral.messages (id, session, text, origin, accepted_at, "
+        "attempts) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING "
+        "RETURNING seq, session), "
         "l AS (INSERT INTO corral.leases (session) SELECT session FROM m "
         "ON CONFLICT DO NOTHING) SELECT seq, pg_notify(%s, %s) FROM m",
         (
@@ -485,6 +505,7 @@ def _insert_message(
             text.encode(),
             origin,
             now,
+            attempts,
             NOTIFY_CHANNEL,
             f"{MESSAGE_HINT} {session}\t{message_id}",
         ),

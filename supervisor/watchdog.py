@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -167,11 +168,11 @@ class LoopLag:
         return max(self.last_minute, default=0.0)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:  # ends when cancelled at close
-            before = loop.time()
+            # the clock, not loop.time(): uvloop's is cached per iteration, to the millisecond
+            before = time.monotonic()
             await asyncio.sleep(LAG_INTERVAL)
-            self.lag = max(0.0, loop.time() - before - LAG_INTERVAL)
+            self.lag = max(0.0, time.monotonic() - before - LAG_INTERVAL)
             self.last_minute.append(self.lag)
             self.metrics.loop_lag.observe(self.lag)
             if self.healthy():

@@ -254,6 +254,26 @@ def test_starts_are_counted_durably_and_an_undone_start_is_taken_back(backend: B
     backend.run(body)
 
 
+def test_an_accept_that_starts_counts_the_first_start_and_a_duplicate_counts_none(
+    backend: Backend,
+) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        first = await store.accept("s", "t", HTTP, "st1", start=True)
+        assert first.message.attempts == 1
+        again = await store.accept("s", "t", HTTP, "st1", start=True)
+        assert again.duplicate and again.message.attempts == 1
+        plain = await store.accept("s", "u", HTTP, "st2")
+        assert plain.message.attempts == 0
+        await store.close()
+        reopened = await opened(backend.new())
+        assert [m.attempts for m in await reopened.pending()] == [1, 0]  # committed
+        assert await reopened.start_attempt("st1") == 2
+        await reopened.close()
+
+    backend.run(body)
+
+
 def test_an_operation_that_fails_fails_alone_in_its_group(backend: Backend) -> None:
     """Operations queued together commit together; one that fails takes nothing else down."""
 

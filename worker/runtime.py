@@ -55,6 +55,21 @@ def load_agent(entrypoint: str) -> Agent:
     return agent  # type: ignore[no-any-return]
 
 
+def warm_up(entrypoint: str, options: dict[str, Any]) -> None:
+    """Run the warm-up of the agent's module, if it has one: `warm_up(options)`.
+
+    The zygote calls this once, after importing the agent and before forking any
+    worker, with the `[agent.options]` table. What it builds (imports, caches, parsed
+    certificates, code paths run once) every worker then shares copy-on-write instead
+    of building again. It must leave nothing that cannot cross a fork: no thread still
+    running, no open connection, no event loop, no lock held. Raises what it raises.
+    """
+    module = importlib.import_module(entrypoint.partition(":")[0])
+    hook = getattr(module, "warm_up", None)
+    if callable(hook):
+        hook(options)
+
+
 class Connection:
     """The worker's end of its frame socket; writes are serialised across threads."""
 

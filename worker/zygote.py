@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from corral.protocol.types import InvalidSessionKey, check_session_key
 from corral.worker import sandbox
 from corral.worker.agentcheck import check_agent
 from corral.worker.confine import confine, die_with_parent
-from corral.worker.runtime import Agent, AgentLoadError, Runtime
+from corral.worker.runtime import Agent, AgentLoadError, Runtime, warm_up
 
 # seconds between sweeps for strays while workers live: reading our one children file
 # costs microseconds, and a stray lives at most this long
@@ -83,8 +84,11 @@ class Zygote:
         except AgentLoadError as e:
             self.send(spawn.SpawnFailed(seq=0, error=str(e)))
             return
+        if (error := warm_up_agent(settings)) is not None:
+            self.send(spawn.SpawnFailed(seq=0, error=f"agent.entrypoint: {error}"))
+            return
         try:
-            # after the agent: its modules count
+            # after the agent and its warm-up: the modules they imported count
             self.sandbox = sandbox.plan(
                 settings.sandbox, os.path.join(settings.state_dir, "tmp", str(os.getpid()))
             )
@@ -251,6 +255,29 @@ def _from_parent(sock: socket.socket) -> bool:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, _, _ = struct.unpack("3i", creds)
     return pid == os.getppid()
+
+
+def warm_up_agent(settings: spawn.WorkerSettings) -> str | None:
+    """Run the agent's warm-up (runtime.warm_up) before the first fork; why the zygote
+    cannot fork safely after it, if it cannot.
+
+    A warm-up that raises costs only memory (every worker builds what it would have
+    shared): the error is printed and the zygote goes on. A thread left running (by
+    the warm-up, or by the agent's import) is refused: a fork copies the locks that
+    thread may hold, held, and a worker would hang on one of them.
+    """
+    try:
+        warm_up(settings.entrypoint, settings.options)
+    except Exception:
+        print("corral zygote: the agent's warm_up failed; workers start cold:", file=sys.stderr)
+        traceback.print_exc()
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if others:
+        return (
+            f"threads are running after its import and warm_up ({', '.join(others)}): "
+            "a fork would copy the locks they hold; start them in the worker instead"
+        )
+    return None
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -51,6 +51,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import sys
 import time
 import traceback
@@ -72,8 +73,13 @@ try:
     # Imported with the module, so the zygote preloads the SDK (~1 s) once and every
     # forked worker shares it; a missing SDK surfaces as a TurnError on the first turn.
     import openai
+    from openai import _base_client
+
+    # the SDK's own HTTP client library (httpx, or its successor httpx2)
+    httpx: Any = getattr(_base_client, "httpx2", None) or getattr(_base_client, "httpx")  # noqa: B009
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     openai = None  # type: ignore[assignment]
+    httpx = None
 
 # The transport logs every request's full URL at INFO; ours is the line that matters.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
@@ -413,14 +419,17 @@ def client_for(options: Options, key: str) -> Any:
     """The worker's client for this endpoint (kept, so connections are reused)."""
     ident = (options.base_url, key, float(options.timeout))
     if ident not in _clients:
+        timeout = openai.Timeout(
+            float(options.timeout), connect=min(CONNECT_TIMEOUT, float(options.timeout))
+        )
         _clients[ident] = openai.OpenAI(
             base_url=options.base_url,
             api_key=key,
             # ours, below: each retry is reported and bounded, none hides an error
             max_retries=0,
-            timeout=openai.Timeout(
-                float(options.timeout), connect=min(CONNECT_TIMEOUT, float(options.timeout))
-            ),
+            timeout=timeout,
+            # the SDK's default client, but with the TLS context the zygote built
+            http_client=openai.DefaultHttpxClient(verify=tls_context(), timeout=timeout),
         )
     return _clients[ident]
 
@@ -653,6 +662,32 @@ def check_options(raw: dict[str, Any]) -> None:
     if openai is None:
         raise TurnError(f"agent.entrypoint: {install_hint()}")
     load_tools(load_options(raw).tools)
+
+
+# ---- warm-up: what the zygote builds once, so that every worker shares it
+
+
+_tls_context: ssl.SSLContext | None = None  # built in the zygote, shared copy-on-write
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS settings and CA certificates of every client in this process tree.
+
+    Loading the CA bundle costs MiBs of memory: done once in the zygote (warm_up), every
+    worker shares it; an SSLContext holds settings and certificates, no connection.
+    """
+    global _tls_context
+    if _tls_context is None:
+        _tls_context = httpx.create_ssl_context()
+    return _tls_context
+
+
+def warm_up(options: dict[str, Any]) -> None:
+    """Run by the zygote once, before it forks any worker (the agent interface's hook):
+    see openai_warm.py."""
+    from corral.worker.agents import openai_warm
+
+    openai_warm.warm_up(options)
 
 
 def agent(turn: Turn, ctx: Context) -> None:
