@@ -232,9 +232,11 @@ def test_an_endpoint_that_refuses_connections_gives_one_clear_error_reply(corral
         assert "is the server running?" in error
 
 
-def test_config_errors_are_clear_error_replies(corral, fake):
-    c = start(corral, fake, api_key_env="CORRAL_TEST_UNSET_KEY", max_history=-1)
-    assert "agent.options.max_history" in the_error(c.send("cfg", "hello"))
+def test_a_bad_option_stops_serve_at_start_and_a_missing_key_is_a_clear_error_reply(corral, fake):
+    # the options are checked when the zygote loads the agent: serve exits 2 naming the key
+    with pytest.raises(RuntimeError, match=r"exited with 2:(.|\n)*agent\.options\.max_history"):
+        start(corral, fake, api_key_env="CORRAL_TEST_UNSET_KEY", max_history=-1)
+    # the API key is read per turn (the service's environment): an error reply that says so
     c = start(corral, fake, api_key_env="CORRAL_TEST_UNSET_KEY")
     error = the_error(c.send("cfg", "hello"))
     assert "CORRAL_TEST_UNSET_KEY, which is not set" in error
@@ -334,5 +336,6 @@ def test_a_local_server_needs_no_key_and_options_have_defaults():
 def test_a_missing_sdk_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(openai_agent, "openai", None)
     turn = Turn(id="t", session="s", text="hi", origin=Origin(channel="http"))
-    with pytest.raises(TurnError, match=r"pip install 'corral\[openai\]'"):
+    # from a checkout (as here) the editable install of the extra, else the published one
+    with pytest.raises(TurnError, match=r"pip install (-e '\.|'corral)\[openai\]'"):
         openai_agent.agent(turn, None)  # type: ignore[arg-type]
