@@ -63,7 +63,7 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
     environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
     unix socket) · child-control SOCKET (the same from a child process) ·
     own (write, read and list its state_dir and $TMPDIR, read history) ·
-    undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) ·
+    undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) · child-tcp PORT ·
     cli ARGS... (runs `corral ARGS` from inside)
     """
     import signal as signals
@@ -136,6 +136,20 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
             if verb == "tcp":  # tcp PORT: connect to 127.0.0.1:PORT
                 with socket.create_connection(("127.0.0.1", int(arg)), timeout=5):
                     return "ok connected"
+            if verb == "child-tcp":  # the same, from a process the agent started
+                code = (
+                    "import socket,sys;socket.create_connection(('127.0.0.1',int(sys.argv[1])),5)"
+                )
+                done = subprocess.run(
+                    [sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=30
+                )
+                if "PermissionError" in done.stderr:
+                    raise PermissionError(done.stderr.strip().splitlines()[-1])
+                return (
+                    "ok connected"
+                    if done.returncode == 0
+                    else "failed " + done.stderr[-100:].replace("\n", " ")
+                )
             if verb == "abstract":
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect("\0" + arg)
