@@ -177,13 +177,14 @@ def describe(level: SandboxLevel) -> str:
     if not level.enabled:
         return "off ([sandbox] enabled = false): workers can read and write whatever corral can"
     if level.abi == 0:
-        return (
+        text = (
             f"none: {level.why or 'no Landlock here'}: workers can read and write whatever "
             "corral can; the control socket still refuses them"
         )
-    text = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
-    if level.missing:
-        text += f"; not enforced on this kernel: {', '.join(level.missing)}"
+    else:
+        text = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
+        if level.missing:
+            text += f"; not enforced on this kernel: {', '.join(level.missing)}"
     if "corral_ports" in level.missing:
         text += (
             " (Landlock before ABI 4 has no TCP rules: agents can reach the HTTP channel "
