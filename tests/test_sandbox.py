@@ -229,8 +229,13 @@ def test_allow_connect_ports_limits_tcp_and_the_http_channel_port_can_be_left_ou
         a, b = allowed.getsockname()[1], other.getsockname()[1]
         c = corral({"sandbox": {"allow_connect_ports": [a]}}, agent=HOSTILE)
         lines = attack(c, "s", f"tcp {a}", f"tcp {b}", f"tcp {c.port}")
+        around = attack(c, "s", f"mptcp {b}", f"tfo {b}")
     assert lines[0] == "ok connected"
     assert all(line.startswith("denied PermissionError") for line in lines[1:]), lines
+    assert [line.split("]")[0] for line in around] == [
+        "failed OSError: [Errno 93",
+        "failed OSError: [Errno 95",
+    ], around
     assert "has no token" not in c.log()  # the channel is out of the agents' reach
 
 
@@ -247,14 +252,16 @@ def test_by_default_agents_cannot_connect_to_corrals_own_ports_but_to_any_other(
         c = corral(agent=HOSTILE)  # the defaults: an HTTP channel on loopback, no token
         port = other.getsockname()[1]
         lines = attack(c, "mallory", f"tcp {c.port}", f"tcp {c.metrics_port}", f"tcp {port}")
-        # and so does what the agent starts
-        (child,) = attack(c, "mallory", f"child-tcp {c.port}")
+        # and so does what the agent starts; and the ways around Landlock's TCP rules
+        around = attack(c, "mallory", f"child-tcp {c.port}", f"mptcp {c.port}", f"tfo {c.port}")
     assert lines[0].startswith("denied PermissionError"), lines
     assert lines[1].startswith("denied PermissionError"), lines
     assert lines[2] == "ok connected", lines
-    assert child.startswith("denied PermissionError"), child
+    assert around[0].startswith("denied PermissionError"), around
+    assert around[1].startswith("failed OSError: [Errno 93]"), around  # EPROTONOSUPPORT
+    assert around[2].startswith("failed OSError: [Errno 95]"), around  # EOPNOTSUPP
     assert c.texts("alice", "own") != []  # corral serves everyone else
-    assert "corral_ports" in status(c)["sandbox"]["enforced"]
+    assert {"corral_ports", "tcp_bypass_filter"} <= set(status(c)["sandbox"]["enforced"])
     assert c.metrics()['corral_sandbox_enforced{feature="corral_ports"}'] == 1
     assert "has no token" not in c.log()  # the door is closed: nothing to warn of
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.protocol.spawn import SandboxLevel, SandboxSettings
-from corral.worker import landlock
+from corral.worker import landlock, seccomp
 from corral.worker.confine import no_new_privs
 
 SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/proc", "/sys"]
@@ -92,6 +92,8 @@ class Plan:
     # corral's own TCP ports, closed to the zygote and so to every worker (close_ports)
     closed_ports: list[int] = field(default_factory=list)
     closed_in: float = 0.0  # seconds the zygote spent building and entering that layer
+    # the seccomp filter that closes the ways around Landlock's TCP rules (seccomp.py)
+    tcp_filter: bool = False
 
     def level(self) -> SandboxLevel:
         """What is in force, for `corral status`, the metric and the log line."""
@@ -101,6 +103,8 @@ class Plan:
             _, missing = landlock.features(0, tcp, ports)
             return SandboxLevel(enabled=False, abi=0, enforced=[], missing=missing)
         enforced, missing = landlock.features(self.abi, tcp, ports)
+        if (tcp or ports) and self.abi >= 4:
+            (enforced if self.tcp_filter else missing).append("tcp_bypass_filter")
         why = landlock.unavailable if self.abi == 0 else ""
         return SandboxLevel(enabled=True, abi=self.abi, enforced=enforced, missing=missing, why=why)
 
@@ -223,6 +227,11 @@ def plan(settings: SandboxSettings, tmp_root: str) -> Plan:
     if settings.deny_connect_ports and not settings.allow_connect_ports and abi >= 4:
         closed = sorted(set(settings.deny_connect_ports))
         took = close_ports(abi, closed)
+    tcp_filter = False
+    if (closed or settings.allow_connect_ports) and abi >= 4 and seccomp.supported():
+        no_new_privs()
+        seccomp.install()  # MPTCP, TCP Fast Open and io_uring go around the TCP rules
+        tcp_filter = True
     return Plan(
         abi=abi,
         settings=settings,
@@ -232,6 +241,7 @@ def plan(settings: SandboxSettings, tmp_root: str) -> Plan:
         tmp_root=tmp_root,
         closed_ports=closed,
         closed_in=took,
+        tcp_filter=tcp_filter,
     )
 
 
