@@ -143,10 +143,18 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
                     s.connect(("127.0.0.1", int(arg)))
                     return "ok connected"
             if verb == "tfo":  # TCP Fast Open: a connection made by sendto(), not connect()
+                import select
+
                 with socket.socket() as s:
-                    s.settimeout(5)
-                    s.sendto(b"GET / HTTP/1.0\r\n\r\n", 0x20000000, ("127.0.0.1", int(arg)))
-                    return "ok connected" if s.recv(16) else "ok sent"
+                    s.setblocking(False)
+                    try:
+                        s.sendto(b"GET / HTTP/1.0\r\n\r\n", 0x20000000, ("127.0.0.1", int(arg)))
+                    except BlockingIOError:  # the handshake is under way
+                        select.select([], [s], [], 5)
+                    if err := s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        raise OSError(err, os.strerror(err))
+                    s.getpeername()  # OSError ENOTCONN if it never connected
+                    return "ok connected"
             if verb == "child-tcp":  # the same, from a process the agent started
                 code = (
                     "import socket,sys;socket.create_connection(('127.0.0.1',int(sys.argv[1])),5)"

@@ -17,7 +17,7 @@ import pytest
 from corral.protocol.spawn import SandboxSettings
 from corral.supervisor.config import ConfigError, parse_config
 from corral.supervisor.sandbox import closes_corral_ports, corral_ports, describe
-from corral.worker import landlock, sandbox
+from corral.worker import landlock, sandbox, seccomp
 from tests.harness import Corral, wait_for
 
 HOSTILE = "tests.agents:hostile"
@@ -327,6 +327,38 @@ def test_which_ports_are_corrals_own() -> None:
     assert ports("[sandbox]\nallow_connect_ports = [443]\n") == []  # its own allow-list
     with pytest.raises(ConfigError, match=r"sandbox\.close_corral_ports"):
         parse_config('[sandbox]\nclose_corral_ports = "yes"\n')
+
+
+TCP_FILTER_SCRIPT = """
+import ctypes, errno, os, socket, subprocess
+from corral.worker import seccomp
+from corral.worker.confine import no_new_privs
+
+no_new_privs()
+seccomp.install()
+out = []
+libc = ctypes.CDLL(None, use_errno=True)
+ring = libc.syscall(425, 4, ctypes.c_void_p(0))
+out.append(errno.errorcode[ctypes.get_errno()] if ring < 0 else "io_uring")
+for args in [(43, socket.SOCK_STREAM, 0), (socket.AF_INET6, socket.SOCK_STREAM, 262)]:
+    try:
+        socket.socket(*args).close()
+        out.append("opened")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+socket.socket(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP).close()
+out.append(subprocess.run(["sh", "-c", "echo fine"], capture_output=True, text=True).stdout.strip())
+print(" ".join(out))
+"""
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="the filter knows x86_64 and aarch64")
+def test_the_tcp_bypass_filter_refuses_io_uring_smc_and_mptcp_and_nothing_else() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TCP_FILTER_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ENOSYS", "EAFNOSUPPORT", "EPROTONOSUPPORT", "fine"]
 
 
 def test_before_landlock_abi_4_status_says_the_http_channel_is_reachable() -> None:

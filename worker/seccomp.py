@@ -8,14 +8,17 @@ but one (tests/test_sandbox.py):
   closed port: it is not a TCP socket to Landlock, and falls back to plain TCP with
   a server that does not speak MPTCP;
 - TCP Fast Open, sendto(..., MSG_FASTOPEN, address), connects without connect();
-- io_uring can do both without those system calls (IORING_OP_SOCKET, SEND with
+- an AF_SMC socket falls back to TCP through a kernel socket of its own (not tried
+  here: this kernel has no SMC; closed anyway);
+- io_uring can do the first two without those system calls (IORING_OP_SOCKET, SEND with
   MSG_FASTOPEN), where no seccomp filter can look.
 
-The filter refuses those (EPROTONOSUPPORT, EOPNOTSUPP: what a kernel without MPTCP or
-with TFO off answers, so programs fall back to plain TCP), io_uring_setup (ENOSYS, as
-on a kernel built without it) and system calls of another ABI (x32, i386 through int
-0x80, AArch32), whose numbers the filter does not know. The zygote installs it once,
-before its first fork; it is inherited by every worker and cannot be removed.
+The filter refuses those (EPROTONOSUPPORT, EOPNOTSUPP, EAFNOSUPPORT: what a kernel
+without MPTCP, with TFO off or without SMC answers, so programs fall back to plain
+TCP), io_uring_setup (ENOSYS, as on a kernel built without it) and system calls of
+another ABI (x32, i386 through int 0x80, AArch32), whose numbers the filter does not
+know. The zygote installs it once, before its first fork; every worker inherits it,
+and nothing can remove it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _JSET = 0x45  # BPF_JMP | BPF_JSET | BPF_K
 _RET = 0x06  # BPF_RET | BPF_K
 
 IPPROTO_MPTCP = 262
+AF_SMC = 43
 MSG_FASTOPEN = 0x20000000
 _X32_BIT = 0x40000000
 
@@ -77,9 +81,13 @@ def program() -> list[tuple[int, int, int, int]]:
         (_JEQ, _IO_URING_SETUP, "nosys", None),
         (_RET, _RET_ALLOW),
         ("label", "socket"),
+        (_LD_ABS, _arg(0)),
+        (_JEQ, AF_SMC, "nofamily", None),
         (_LD_ABS, _arg(2)),
         (_JEQ, IPPROTO_MPTCP, "noproto", None),
         (_RET, _RET_ALLOW),
+        ("label", "nofamily"),
+        (_RET, _RET_ERRNO | errno.EAFNOSUPPORT),
         ("label", "flags2"),
         (_LD_ABS, _arg(2)),
         (_JSET, MSG_FASTOPEN, "notsupp", None),
