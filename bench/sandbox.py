@@ -7,7 +7,14 @@ in the same run, alternating. The figures: the median time of enter() as the chi
 measures it (the cost on a spawn's path; goal <= 1 ms), and the difference of the
 medians of the whole fork-to-reap (which adds the kernel freeing the domain at exit).
 
-Per turn, end to end: two `corral serve` (sandbox on, sandbox off) up at once, the same
+The same again with corral's ports closed (the default without an HTTP token): the
+process first restricts itself like the zygote (a layer of ~65,000 TCP port rules),
+and every worker's layer stacked on it copies those rules: the figures name that cost,
+the zygote's one-off cost, and the kernel memory each worker's domain holds (the
+SUnreclaim growth with 20 workers held restricted at once).
+
+Per turn, end to end: three `corral serve` (sandbox off; files only; files and corral's
+ports closed) up at once, the same
 echo agent, five messages per new session, the servers taking turns; p50 of POST ?wait
 for the first message (a spawn), the second, and the third to fifth (warm). Goal: a
 warm turn costs the same (the kernel checks files as they are opened; an echo turn
@@ -32,10 +39,19 @@ from corral.protocol.spawn import SandboxSettings
 from corral.worker import landlock, sandbox
 from corral.worker.confine import no_new_privs
 
-n = int(sys.argv[1])
+n, ports = int(sys.argv[1]), [int(p) for p in sys.argv[2].split(",") if p]
+
+
+def unreclaimable_kb():
+    with open("/proc/meminfo") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("SUnreclaim:"))
+
+
 root = tempfile.mkdtemp()
 t = time.perf_counter()
-plan = sandbox.plan(SandboxSettings(hidden=[root]), os.path.join(root, "tmp"))
+# with `ports`, plan() also restricts this process like the zygote: a layer of TCP rules
+settings = SandboxSettings(hidden=[root], deny_connect_ports=ports)
+plan = sandbox.plan(settings, os.path.join(root, "tmp"))
 plan_s = time.perf_counter() - t
 bare, boxed, enter = [], [], []
 for i in range(n):
@@ -61,8 +77,33 @@ for i in range(n):
         if restrict:
             enter.append(float(took))
             sandbox.forget(plan, pid)  # what the zygote does at reap, off the spawn path
+# the kernel memory a worker's domain holds: HELD workers restricted at once
+HELD = 20
+before = unreclaimable_kb()
+r, w = os.pipe()
+held = []
+for i in range(HELD):
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        no_new_privs()
+        own = os.path.join(root, f"held{i}")
+        os.mkdir(own)
+        sandbox.enter(plan, [own])
+        os.read(r, 1)
+        os._exit(0)
+    held.append(pid)
+time.sleep(1.0)
+during = unreclaimable_kb()
+os.close(w)
+os.close(r)
+for pid in held:
+    os.waitpid(pid, 0)
+    sandbox.forget(plan, pid)
 sandbox.remove_all(plan)
 print(json.dumps({"abi": plan.abi, "rules": len(plan.rules), "plan_s": plan_s,
+                  "closed_in": plan.closed_in, "closed_ports": plan.closed_ports,
+                  "kernel_kb_per_worker": (during - before) / HELD,
                   "bare": bare, "boxed": boxed, "enter": enter}))
 """
 
@@ -72,9 +113,9 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def spawn_cost(n: int) -> dict[str, Any]:
+def spawn_cost(n: int, ports: list[int]) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-c", SPAWN_SCRIPT, str(n)],
+        [sys.executable, "-c", SPAWN_SCRIPT, str(n), ",".join(map(str, ports))],
         capture_output=True,
         text=True,
         timeout=300,
@@ -92,6 +133,8 @@ def spawn_cost(n: int) -> dict[str, Any]:
         "extra_p50_ms": ms(boxed50 - bare50),
         "enter_p50_ms": ms(percentile(r["enter"], 50)),
         "enter_p99_ms": ms(percentile(r["enter"], 99)),
+        "kernel_kb_per_worker": round(r["kernel_kb_per_worker"]),
+        "zygote_layer_ms": ms(r["closed_in"]) if r["closed_ports"] else None,
         "goal_per_spawn_ms": 1,
     }
 
@@ -105,10 +148,13 @@ async def turn_cost(bench: Bench, n: int) -> dict[str, Any]:
             name,
             config={
                 "supervisor": {"idle_timeout": "1h", "max_workers": n + 20},
-                "sandbox": {"enabled": name == "sandbox-on"},
+                "sandbox": {
+                    "enabled": name != "sandbox-off",
+                    "close_corral_ports": "always" if name == "sandbox-on" else "never",
+                },
             },
         )
-        for name in ("sandbox-off", "sandbox-on")
+        for name in ("sandbox-off", "sandbox-on-files", "sandbox-on")
     }
     new: dict[str, list[float]] = {name: [] for name in servers}
     second: dict[str, list[float]] = {name: [] for name in servers}
@@ -141,14 +187,22 @@ async def turn_cost(bench: Bench, n: int) -> dict[str, Any]:
         }
         for name in servers
     }
-    on, off = figures["sandbox-on"], figures["sandbox-off"]
-    for key in ("new", "second", "warm"):
-        a, b = on[f"{key}_p50_ms"], off[f"{key}_p50_ms"]
-        figures[f"{key}_extra_p50_ms"] = None if a is None or b is None else round(a - b, 3)
+    off = figures["sandbox-off"]
+    for name, prefix in (("sandbox-on", ""), ("sandbox-on-files", "files_")):
+        for key in ("new", "second", "warm"):
+            a, b = figures[name][f"{key}_p50_ms"], off[f"{key}_p50_ms"]
+            extra = None if a is None or b is None else round(a - b, 3)
+            figures[f"{prefix}{key}_extra_p50_ms"] = extra
     return figures
 
 
 async def run(bench: Bench) -> dict[str, Any]:
     n = 30 if bench.plan.quick else 200
     bench.say(f"sandbox: {n} forks with and without the restriction; turns with it on and off")
-    return {"per_spawn": spawn_cost(n), "per_turn": await turn_cost(bench, max(10, n // 4))}
+    return {
+        # the filesystem layer only (close_corral_ports never, or a token with "auto")
+        "per_spawn": spawn_cost(n, []),
+        # the defaults without a token: the zygote's layer closing corral's ports beneath
+        "per_spawn_corral_ports": spawn_cost(n, [8787, 9464]),
+        "per_turn": await turn_cost(bench, max(10, n // 4)),
+    }

@@ -29,6 +29,9 @@ class SandboxSettings(msgspec.Struct, frozen=True, kw_only=True):
     read_only: list[str] = msgspec.field(default_factory=list)
     read_write: list[str] = msgspec.field(default_factory=list)
     allow_connect_ports: list[int] = msgspec.field(default_factory=list)  # empty: every port
+    # corral's own TCP ports (HTTP channel, metrics, a local store), closed to every
+    # worker by a layer the zygote enters once; empty: none (or allow_connect_ports rules)
+    deny_connect_ports: list[int] = msgspec.field(default_factory=list)
     # corral's own files, never reachable from a worker: state_dir, the control
     # socket's directory, the config file
     hidden: list[str] = msgspec.field(default_factory=list)

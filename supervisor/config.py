@@ -127,6 +127,9 @@ class SandboxConfig(_Section):
     allow_connect_ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]] = msgspec.field(
         default_factory=list
     )
+    # refuse agents TCP connects to corral's own ports (HTTP channel, metrics, a store on
+    # this host; Landlock ABI >= 4): "auto" when the HTTP channel has no token
+    close_corral_ports: Literal["auto", "always", "never"] = "auto"
 
 
 class StoreConfig(_Section):

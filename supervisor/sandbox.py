@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import select
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from corral.protocol.spawn import SandboxLevel, SandboxSettings
-from corral.supervisor.config import Config, find_config_path, split_listen
+from corral.supervisor.config import Config, find_config_path, is_loopback, split_listen
 
 log = logging.getLogger("corral.sandbox")
 
@@ -70,14 +71,81 @@ def worker_sandbox(config: Config) -> SandboxSettings:
     if sb.enabled:
         for door in open_doors(config):
             log.warning("sandbox: %s", door)
+    closed = corral_ports(config) if closes_corral_ports(config) else []
+    if closed:
+        log.info(
+            "sandbox: agents may not connect to corral's own TCP ports %s (Landlock ABI >= 4); "
+            "Landlock has no port ranges, so each spawn copies ~65,000 port rules (~15 ms, "
+            "~4 MB of kernel memory per worker): set channels.http.token to go without%s",
+            ", ".join(map(str, closed)),
+            "" if sb.close_corral_ports == "auto" else ' and [sandbox] close_corral_ports = "auto"',
+        )
     return SandboxSettings(
         enabled=sb.enabled,
         read_only=[os.path.expanduser(p) for p in sb.read_only],
         read_write=[os.path.expanduser(p) for p in sb.read_write],
         allow_connect_ports=list(sb.allow_connect_ports),
+        deny_connect_ports=closed,
         hidden=hidden,
         hidden_env=sorted(set(hidden_env)) if sb.enabled else [],
     )
+
+
+def closes_corral_ports(config: Config) -> bool:
+    """Whether workers get the layer that refuses connects to corral's own ports: with
+    "auto", when the HTTP channel has no token (with one, the port is no door); never
+    with allow_connect_ports, which is an allow-list of its own."""
+    sb = config.sandbox
+    if not sb.enabled or sb.allow_connect_ports or sb.close_corral_ports == "never":
+        return False
+    return sb.close_corral_ports == "always" or not config.channels.http.token
+
+
+def corral_ports(config: Config) -> list[int]:
+    """corral's own TCP ports: the HTTP channel's, the metrics', and the store's when
+    store.url names this host (a server elsewhere is reached by address, and Landlock
+    rules are by port only: closing its port here would close it on every host)."""
+    ports = {
+        split_listen(config.channels.http.listen, "channels.http.listen")[1],
+        split_listen(config.metrics.listen, "metrics.listen")[1],
+    }
+    if config.store.url and (port := _local_store_port(config.store.url)):
+        ports.add(port)
+    return sorted(ports)
+
+
+def _local_store_port(url: str) -> int:
+    """The TCP port of a PostgreSQL store on this host; 0: elsewhere, or a unix socket."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(url)
+    except Exception:  # checked at config load; nothing to close if it cannot be read
+        return 0
+    host = str(info.get("host") or "")
+    if not host or host.startswith("/"):
+        return 0  # libpq's default: a unix socket, which no port rule covers
+    first = host.split(",")[0]
+    if not (is_loopback(first) or first == socket.gethostname() or _local_address(first)):
+        return 0
+    try:
+        return int(str(info.get("port") or 5432).split(",")[0])
+    except ValueError:
+        return 0
+
+
+def _local_address(host: str) -> bool:
+    """Whether `host` is an IP address of this machine (binding to it works); no lookup."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False  # a name: resolving it would ask DNS
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
 
 
 def open_doors(config: Config) -> list[str]:
@@ -89,7 +157,11 @@ def open_doors(config: Config) -> list[str]:
     doors = []
     _, port = split_listen(config.channels.http.listen, "channels.http.listen")
     ports = config.sandbox.allow_connect_ports
-    if not config.channels.http.token and (not ports or port in ports):
+    if (
+        not config.channels.http.token
+        and (not ports or port in ports)
+        and not closes_corral_ports(config)
+    ):
         doors.append(
             f"the HTTP channel on {config.channels.http.listen} has no token: agents can "
             "reach it like any local process (post as and read replies of any session); "
@@ -114,13 +186,20 @@ def describe(level: SandboxLevel) -> str:
     if not level.enabled:
         return "off ([sandbox] enabled = false): workers can read and write whatever corral can"
     if level.abi == 0:
-        return (
+        text = (
             f"none: {level.why or 'no Landlock here'}: workers can read and write whatever "
             "corral can; the control socket still refuses them"
         )
-    text = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
-    if level.missing:
-        text += f"; not enforced on this kernel: {', '.join(level.missing)}"
+    else:
+        text = f"Landlock ABI {level.abi}: {', '.join(level.enforced)}"
+        if level.missing:
+            text += f"; not enforced on this kernel: {', '.join(level.missing)}"
+    if "corral_ports" in level.missing:
+        text += (
+            " (Landlock before ABI 4 has no TCP rules: agents can reach the HTTP channel "
+            "like any local process and post as and read the replies of any session; "
+            "set channels.http.token)"
+        )
     return text
 
 

@@ -63,7 +63,8 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
     environ PID · control SOCKET (GET /v1/status) · abstract NAME (connect to an abstract
     unix socket) · child-control SOCKET (the same from a child process) ·
     own (write, read and list its state_dir and $TMPDIR, read history) ·
-    undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) ·
+    undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) · child-tcp PORT ·
+    mptcp PORT · tfo PORT (the same through MPTCP, TCP Fast Open) ·
     cli ARGS... (runs `corral ARGS` from inside)
     """
     import signal as signals
@@ -136,6 +137,38 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
             if verb == "tcp":  # tcp PORT: connect to 127.0.0.1:PORT
                 with socket.create_connection(("127.0.0.1", int(arg)), timeout=5):
                     return "ok connected"
+            if verb == "mptcp":  # an MPTCP socket, which Landlock's TCP rules do not see
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as s:
+                    s.settimeout(5)
+                    s.connect(("127.0.0.1", int(arg)))
+                    return "ok connected"
+            if verb == "tfo":  # TCP Fast Open: a connection made by sendto(), not connect()
+                import select
+
+                with socket.socket() as s:
+                    s.setblocking(False)
+                    try:
+                        s.sendto(b"GET / HTTP/1.0\r\n\r\n", 0x20000000, ("127.0.0.1", int(arg)))
+                    except BlockingIOError:  # the handshake is under way
+                        select.select([], [s], [], 5)
+                    if err := s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        raise OSError(err, os.strerror(err))
+                    s.getpeername()  # OSError ENOTCONN if it never connected
+                    return "ok connected"
+            if verb == "child-tcp":  # the same, from a process the agent started
+                code = (
+                    "import socket,sys;socket.create_connection(('127.0.0.1',int(sys.argv[1])),5)"
+                )
+                done = subprocess.run(
+                    [sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=30
+                )
+                if "PermissionError" in done.stderr:
+                    raise PermissionError(done.stderr.strip().splitlines()[-1])
+                return (
+                    "ok connected"
+                    if done.returncode == 0
+                    else "failed " + done.stderr[-100:].replace("\n", " ")
+                )
             if verb == "abstract":
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect("\0" + arg)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from corral.protocol.spawn import SandboxSettings
 from corral.supervisor.config import ConfigError, parse_config
-from corral.worker import landlock
+from corral.supervisor.sandbox import closes_corral_ports, corral_ports, describe
+from corral.worker import landlock, sandbox, seccomp
 from tests.harness import Corral, wait_for
 
 HOSTILE = "tests.agents:hostile"
@@ -228,14 +230,145 @@ def test_allow_connect_ports_limits_tcp_and_the_http_channel_port_can_be_left_ou
         a, b = allowed.getsockname()[1], other.getsockname()[1]
         c = corral({"sandbox": {"allow_connect_ports": [a]}}, agent=HOSTILE)
         lines = attack(c, "s", f"tcp {a}", f"tcp {b}", f"tcp {c.port}")
+        around = attack(c, "s", f"mptcp {b}", f"tfo {b}")
     assert lines[0] == "ok connected"
     assert all(line.startswith("denied PermissionError") for line in lines[1:]), lines
+    assert [line.split("]")[0] for line in around] == [
+        "failed OSError: [Errno 93",
+        "failed OSError: [Errno 95",
+    ], around
     assert "has no token" not in c.log()  # the channel is out of the agents' reach
 
 
-def test_an_http_channel_without_a_token_is_named_at_start(corral: Callable[..., Corral]) -> None:
-    c = corral()
+needs_tcp_rules = pytest.mark.skipif(ABI < 4, reason="TCP rules need Landlock ABI 4")
+
+
+@needs_tcp_rules
+def test_by_default_agents_cannot_connect_to_corrals_own_ports_but_to_any_other(
+    corral: Callable[..., Corral],
+) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        c = corral(agent=HOSTILE)  # the defaults: an HTTP channel on loopback, no token
+        port = other.getsockname()[1]
+        lines = attack(c, "mallory", f"tcp {c.port}", f"tcp {c.metrics_port}", f"tcp {port}")
+        # and so does what the agent starts; and the ways around Landlock's TCP rules
+        around = attack(c, "mallory", f"child-tcp {c.port}", f"mptcp {c.port}", f"tfo {c.port}")
+    assert lines[0].startswith("denied PermissionError"), lines
+    assert lines[1].startswith("denied PermissionError"), lines
+    assert lines[2] == "ok connected", lines
+    assert around[0].startswith("denied PermissionError"), around
+    assert around[1].startswith("failed OSError: [Errno 93]"), around  # EPROTONOSUPPORT
+    assert around[2].startswith("failed OSError: [Errno 95]"), around  # EOPNOTSUPP
+    assert c.texts("alice", "own") != []  # corral serves everyone else
+    assert {"corral_ports", "tcp_bypass_filter"} <= set(status(c)["sandbox"]["enforced"])
+    assert c.metrics()['corral_sandbox_enforced{feature="corral_ports"}'] == 1
+    assert "has no token" not in c.log()  # the door is closed: nothing to warn of
+
+
+@needs_tcp_rules
+def test_the_openai_agent_reaches_its_endpoint_on_another_local_port(
+    corral: Callable[..., Corral], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fake_openai import FakeOpenAI
+
+    monkeypatch.setenv("CORRAL_TEST_FAKE_KEY", "sk-fake-sandbox")
+    fake = FakeOpenAI(api_key="sk-fake-sandbox").start()
+    try:
+        options = {"base_url": fake.base_url, "model": "m", "api_key_env": "CORRAL_TEST_FAKE_KEY"}
+        c = corral({"agent.options": options}, agent="corral.worker.agents.openai:agent")
+        assert c.texts("alice", "hello") == ["echo: hello"]
+        assert "corral_ports" in status(c)["sandbox"]["enforced"]
+        c.stop()
+    finally:
+        fake.stop()
+
+
+def test_with_close_corral_ports_never_the_http_channel_is_open_and_named_at_start(
+    corral: Callable[..., Corral],
+) -> None:
+    c = corral({"sandbox": {"close_corral_ports": "never"}}, agent=HOSTILE)
     assert "sandbox: the HTTP channel on 127.0.0.1:" in c.log()
+    (line,) = attack(c, "mallory", f"tcp {c.port}")
+    assert line == "ok connected"
+    assert "corral_ports" not in status(c)["sandbox"]["enforced"]
+
+
+def test_which_ports_are_corrals_own() -> None:
+    def ports(extra: str) -> list[int]:
+        cfg = parse_config(
+            '[channels.http]\nlisten = "127.0.0.1:8787"\n[metrics]\nlisten = "127.0.0.1:9464"\n'
+            + extra
+        )
+        return corral_ports(cfg) if closes_corral_ports(cfg) else []
+
+    assert ports("") == [8787, 9464]
+    assert ports('[store]\nurl = "postgresql://corral@127.0.0.1:5433/corral"\n') == [
+        5433,
+        8787,
+        9464,
+    ]
+    assert ports('[store]\nurl = "postgresql://corral@localhost/corral"\n') == [
+        5432,
+        8787,
+        9464,
+    ]
+    # a server elsewhere: port rules cannot tell hosts apart, its port stays open
+    assert ports('[store]\nurl = "postgresql://corral@10.20.30.40:5433/corral"\n') == [
+        8787,
+        9464,
+    ]
+    assert ports('[store]\nurl = "postgresql:///corral"\n') == [8787, 9464]  # unix socket
+    # with a token the channel is no door, so "auto" adds no layer; "always" does
+    token = '[channels.http]\ntoken = "t"\n'
+    cfg = parse_config(token + '[sandbox]\nclose_corral_ports = "always"\n')
+    assert closes_corral_ports(cfg)
+    assert not closes_corral_ports(parse_config(token))
+    assert ports("[sandbox]\nallow_connect_ports = [443]\n") == []  # its own allow-list
+    with pytest.raises(ConfigError, match=r"sandbox\.close_corral_ports"):
+        parse_config('[sandbox]\nclose_corral_ports = "yes"\n')
+
+
+TCP_FILTER_SCRIPT = """
+import ctypes, errno, os, socket, subprocess
+from corral.worker import seccomp
+from corral.worker.confine import no_new_privs
+
+no_new_privs()
+seccomp.install()
+out = []
+libc = ctypes.CDLL(None, use_errno=True)
+ring = libc.syscall(425, 4, ctypes.c_void_p(0))
+out.append(errno.errorcode[ctypes.get_errno()] if ring < 0 else "io_uring")
+for args in [(43, socket.SOCK_STREAM, 0), (socket.AF_INET6, socket.SOCK_STREAM, 262)]:
+    try:
+        socket.socket(*args).close()
+        out.append("opened")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+socket.socket(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP).close()
+out.append(subprocess.run(["sh", "-c", "echo fine"], capture_output=True, text=True).stdout.strip())
+print(" ".join(out))
+"""
+
+
+@pytest.mark.skipif(not seccomp.supported(), reason="the filter knows x86_64 and aarch64")
+def test_the_tcp_bypass_filter_refuses_io_uring_smc_and_mptcp_and_nothing_else() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TCP_FILTER_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ENOSYS", "EAFNOSUPPORT", "EPROTONOSUPPORT", "fine"]
+
+
+def test_before_landlock_abi_4_status_says_the_http_channel_is_reachable() -> None:
+    plan = sandbox.Plan(abi=3, settings=SandboxSettings(deny_connect_ports=[8787]))
+    level = plan.level()
+    assert "corral_ports" in level.missing
+    text = describe(level)
+    assert "agents can reach the HTTP channel" in text and "channels.http.token" in text
+    assert "corral_ports" in sandbox.Plan(abi=4, settings=plan.settings).level().enforced
 
 
 def test_sandbox_config_keys_are_checked() -> None:

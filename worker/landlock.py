@@ -72,10 +72,12 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
-def features(abi: int, tcp: bool) -> tuple[list[str], list[str]]:
+def features(abi: int, tcp: bool, corral_ports: bool = False) -> tuple[list[str], list[str]]:
     """(enforced, not enforced) for a sandbox on a kernel of this ABI.
 
-    `tcp`: whether TCP connections are to be restricted to some ports at all.
+    `tcp`: whether TCP connections are to be restricted to some ports at all;
+    `corral_ports`: whether connecting to corral's own ports (the HTTP channel, metrics)
+    is to be refused.
     """
     wanted = [
         ("filesystem", 1),
@@ -87,6 +89,8 @@ def features(abi: int, tcp: bool) -> tuple[list[str], list[str]]:
     ]
     if tcp:
         wanted.append(("tcp_connect", 4))
+    if corral_ports:
+        wanted.append(("corral_ports", 4))
     enforced = [name for name, since in wanted if abi >= since]
     missing = [name for name, since in wanted if abi < since]
     return enforced, missing
@@ -167,11 +171,14 @@ def abi() -> int:
 class Ruleset:
     """One ruleset: add what stays allowed, then `restrict()` the calling process."""
 
-    def __init__(self, abi: int, restrict_tcp: bool = False, scope: bool = True) -> None:
+    def __init__(
+        self, abi: int, restrict_tcp: bool = False, scope: bool = True, files: bool = True
+    ) -> None:
+        """`files`: police file access (False: a layer of TCP rules only, ABI >= 4)."""
         if abi < 1:
             raise LandlockError(errno.ENOSYS, "the kernel has no Landlock")
         self.abi = abi
-        self.fs = fs_rights(abi)
+        self.fs = fs_rights(abi) if files else 0
         self.net = NET_CONNECT_TCP if restrict_tcp and abi >= 4 else 0
         self.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if scope and abi >= 6 else 0
         attr = _RulesetAttr(self.fs, self.net, self.scoped)
@@ -224,6 +231,25 @@ class Ruleset:
             ),
             f"landlock_add_rule port {port}",
         )
+
+    def allow_connect_except(self, denied: set[int]) -> int:
+        """Allow connecting to every TCP port but `denied`; how many rules that took.
+
+        One rule per port (the kernel has no ranges): ~65,000 calls, in a tight loop."""
+        if not self.net:
+            return 0
+        rule = _NetPortAttr(NET_CONNECT_TCP, 0)
+        ref, fd, kind, flags = ctypes.byref(rule), self.fd, ctypes.c_uint32(_RULE_NET_PORT), 0
+        syscall, add = _syscall, _SYS_ADD_RULE
+        count = 0
+        for port in range(1, 65536):
+            if port in denied:
+                continue
+            rule.port = port
+            if syscall(add, fd, kind, ref, flags) < 0:
+                _check(-1, f"landlock_add_rule port {port}")
+            count += 1
+        return count
 
     def restrict(self) -> None:
         """Hold the calling thread, and every thread and process it starts, to the rules.

@@ -28,12 +28,14 @@ import site
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.protocol.spawn import SandboxLevel, SandboxSettings
-from corral.worker import landlock
+from corral.worker import landlock, seccomp
+from corral.worker.confine import no_new_privs
 
 SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/proc", "/sys"]
 # of /etc, what programs read to run, resolve names and speak TLS; not the rest, which
@@ -88,14 +90,22 @@ class Plan:
     opened: list[tuple[int, int]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # allowed TCP connect ports, if restricted
     tmp_root: str = ""  # private temporary directories: tmp_root/<worker pid>; "": none
+    # corral's own TCP ports, closed to the zygote and so to every worker (close_ports)
+    closed_ports: list[int] = field(default_factory=list)
+    closed_in: float = 0.0  # seconds the zygote spent building and entering that layer
+    # the seccomp filter that closes the ways around Landlock's TCP rules (seccomp.py)
+    tcp_filter: bool = False
 
     def level(self) -> SandboxLevel:
         """What is in force, for `corral status`, the metric and the log line."""
         tcp = bool(self.settings.allow_connect_ports)
+        ports = bool(self.settings.deny_connect_ports) and not tcp
         if not self.settings.enabled:
-            _, missing = landlock.features(0, tcp)
+            _, missing = landlock.features(0, tcp, ports)
             return SandboxLevel(enabled=False, abi=0, enforced=[], missing=missing)
-        enforced, missing = landlock.features(self.abi, tcp)
+        enforced, missing = landlock.features(self.abi, tcp, ports)
+        if (tcp or ports) and self.abi >= 4:
+            (enforced if self.tcp_filter else missing).append("tcp_bypass_filter")
         why = landlock.unavailable if self.abi == 0 else ""
         return SandboxLevel(enabled=True, abi=self.abi, enforced=enforced, missing=missing, why=why)
 
@@ -215,6 +225,16 @@ def plan(settings: SandboxSettings, tmp_root: str) -> Plan:
         opened.append((fd, landlock.for_file(fd, access)))
     if os.geteuid() == 0:
         limit_root()
+    closed: list[int] = []
+    took = 0.0
+    if settings.deny_connect_ports and not settings.allow_connect_ports and abi >= 4:
+        closed = sorted(set(settings.deny_connect_ports))
+        took = close_ports(abi, closed)
+    tcp_filter = False
+    if (closed or settings.allow_connect_ports) and abi >= 4 and seccomp.supported():
+        no_new_privs()
+        seccomp.install()  # MPTCP, TCP Fast Open and io_uring go around the TCP rules
+        tcp_filter = True
     return Plan(
         abi=abi,
         settings=settings,
@@ -222,7 +242,32 @@ def plan(settings: SandboxSettings, tmp_root: str) -> Plan:
         opened=opened,
         ports=sorted(set(settings.allow_connect_ports)),
         tmp_root=tmp_root,
+        closed_ports=closed,
+        closed_in=took,
+        tcp_filter=tcp_filter,
     )
+
+
+def close_ports(abi: int, ports: list[int]) -> float:
+    """Restrict the calling process (the zygote) to TCP connects to any port but `ports`;
+    the seconds it took.
+
+    A layer of network rules only: the zygote keeps its files, and it never connects
+    over TCP. Every worker forked after inherits the layer beneath its own. Landlock has
+    no port ranges, so this is one rule per allowed port (65,000-odd), and every layer
+    stacked on it (each worker's) copies them: that copy is the per-spawn cost
+    (bench/sandbox.py). Call single-threaded, before the first fork.
+    """
+    started = time.perf_counter()
+    no_new_privs()  # landlock_restrict_self needs it (or CAP_SYS_ADMIN); fork keeps it
+    ruleset = landlock.Ruleset(abi, restrict_tcp=True, scope=False, files=False)
+    try:
+        ruleset.allow_connect_except(set(ports))
+    except BaseException:
+        ruleset.close()
+        raise
+    ruleset.restrict()
+    return time.perf_counter() - started
 
 
 def enter(plan: Plan, own: list[Path]) -> None:
