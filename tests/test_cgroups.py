@@ -125,7 +125,9 @@ def test_worker_cgroups_left_by_a_sigkilled_run_are_cleaned_at_the_next_start(tm
 
 
 def test_a_cgroup_an_agent_made_inside_its_worker_s_goes_with_the_worker(tmp_path, delegated):
-    c = Corral(tmp_path, agent=NESTING).start(cgroup=delegated)
+    # the sandbox keeps agents out of /sys/fs/cgroup altogether (no cgroup of their own,
+    # no moving to another of the service's): this is the unsandboxed agent's case
+    c = Corral(tmp_path, {"sandbox": {"enabled": False}}, agent=NESTING).start(cgroup=delegated)
     try:
         sleeper = int(c.texts("a", "nest")[0])
         worker = c.ls()[0]["pid"]

@@ -300,7 +300,7 @@ def test_example_config_is_valid_and_documents_every_section() -> None:
     text = EXAMPLE_CONFIG.read_text()
     for section in ("supervisor", "agent", "agent.options", "limits", "channels.http"):
         assert f"\n[{section}]\n" in text
-    for section in ("delivery", "metrics", "sandbox"):
+    for section in ("delivery", "metrics", "sandbox", "retention"):
         assert f"\n[{section}]\n" in text
     # Every key of the config is shown, set or commented out.
     for section, obj in [
@@ -308,6 +308,10 @@ def test_example_config_is_valid_and_documents_every_section() -> None:
         ("limits", cfg.limits),
         ("delivery", cfg.delivery),
         ("sandbox", cfg.sandbox),
+        ("channels.http", cfg.channels.http),
+        ("retention", cfg.retention),
+        ("store", cfg.store),
+        ("cluster", cfg.cluster),
     ]:
         for key in obj.__struct_fields__:
             assert re.search(rf"^#? ?{key} = ", text, re.M), f"{section}.{key} is not shown"

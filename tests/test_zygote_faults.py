@@ -50,7 +50,14 @@ def send_all(c, texts: dict[str, str], wait: float = 120) -> dict[str, dict[str,
 
 
 def test_burst_of_new_sessions_queues_spawns_instead_of_failing(corral):  # type: ignore[no-untyped-def]
-    c = corral({"supervisor": {"idle_timeout": "10m"}, "limits": {"max_queue": 1000}})
+    c = corral(
+        {
+            "supervisor": {"idle_timeout": "10m"},
+            "limits": {"max_queue": 1000},
+            # 1,000 clients at once: above the default bound on HTTP connections (512)
+            "channels.http": {"max_connections": 2000},
+        }
+    )
     n = 1000  # the red team's burst: 1,362 "cannot reach the zygote: [Errno 11]"
     answers = send_all(c, {f"burst-{i}": f"hello {i}" for i in range(n)})
     assert len(answers) == n
