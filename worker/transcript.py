@@ -7,7 +7,8 @@ skip lines that do not decode.
 The transcript is bounded: past twice MAX_ENTRIES lines (or twice MAX_BYTES) it is
 rewritten with its newest MAX_ENTRIES lines (at most MAX_BYTES), into a new file that is
 locked before it is renamed over the old one, so a later opener never writes to the
-file being replaced. A full disk loses transcript lines, never the turn.
+file being replaced; a sandboxed worker, which holds only the descriptor, rewrites it in
+place. A full disk loses transcript lines, never the turn.
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ class Transcript:
             self._compact()
 
     def _compact(self) -> None:
-        """Keep the newest lines: write them to a new file, lock it, rename it over."""
+        """Keep the newest lines: write them to a new file, lock it, rename it over. A
+        sandboxed worker cannot reach the path (only its open descriptor): it rewrites the
+        file in place instead. A compaction that fails leaves the file as it was (or, in
+        place, cut short); it never fails the turn."""
         data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         keep: list[bytes] = []
         size = 0
@@ -117,26 +121,44 @@ class Transcript:
             keep.append(line)
             size += len(line)
         keep.reverse()
-        tmp = self.path.with_name(self.path.name + ".compacting")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, PRIVATE)
+        body = b"".join(keep)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else knows this file yet
-            body = b"".join(keep)
-            if os.write(fd, body) != len(body):
-                raise OSError("short write")
-            os.fsync(fd)
-            os.replace(tmp, self.path)
+            try:
+                self._replace(body)
+            except PermissionError:  # sandboxed: the descriptor is all it has
+                self._rewrite_in_place(body)
         except OSError as e:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             log.warning("transcript %s: not compacted: %s", self.path, e)
             self._lines = min(self._lines, self.max_entries)  # try again later, not per line
             self._bytes = min(self._bytes, self.max_bytes)
             return
+        self._lines, self._bytes, self._torn = len(keep), size, False
+
+    def _replace(self, body: bytes) -> None:
+        tmp = self.path.with_name(self.path.name + ".compacting")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, PRIVATE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else knows this file yet
+            if os.write(fd, body) != len(body):
+                raise OSError("short write")
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         os.close(self._fd)
         self._fd = fd
-        self._lines, self._bytes, self._torn = len(keep), size, False
+
+    def _rewrite_in_place(self, body: bytes) -> None:
+        """Truncate the locked file and write `body` (its newest lines) back: not atomic
+        (a crash in between loses the older history, never a message: the store has
+        those), so it runs only where the rename cannot."""
+        os.ftruncate(self._fd, 0)
+        if os.write(self._fd, body) != len(body):  # O_APPEND: at the new end, offset 0
+            raise OSError("short write")
+        os.fsync(self._fd)
 
     def read(self) -> list[HistoryEntry]:
         # through the descriptor, not the path: a sandboxed worker cannot open the path
