@@ -159,9 +159,10 @@ class Health(msgspec.Struct):
 # and read by `corral send`.
 
 
-class ReplyOut(msgspec.Struct):
+class ReplyOut(msgspec.Struct, omit_defaults=True):
     text: str
     kind: str  # reply | error
+    markup: str = ""  # "html" or "markdown" when the agent asked; absent: plain text
 
 
 class MessageResult(msgspec.Struct):

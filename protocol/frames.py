@@ -39,6 +39,7 @@ class ReplyFrame(msgspec.Struct, tag="reply", frozen=True):
     # produces the same (message id, index) keys whatever the worker claims
     turn_id: str
     text: str
+    markup: str = ""  # "", "html" or "markdown" (types.MARKUPS)
 
 
 class Progress(msgspec.Struct, tag="progress", frozen=True):

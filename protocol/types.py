@@ -123,6 +123,12 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     kind: str  # REPLY or ERROR
     origin: Origin
+    markup: str = ""  # "": plain text; "html" or "markdown", as the agent asked (MARKUPS)
+
+
+# what an agent may ask a reply to be shown as: ctx.reply(text, markup=...); a channel
+# that has no such formatting (HTTP, webhooks) passes the field on and the text as is
+MARKUPS = ("", "html", "markdown")
 
 
 def reply_id(message_id: str, index: int) -> str:

@@ -40,7 +40,7 @@ SIGNATURE_HEADER = "X-Corral-Signature"
 TIMESTAMP_HEADER = "X-Corral-Timestamp"  # unix seconds of this attempt, in the signature
 
 
-class WebhookReply(msgspec.Struct):
+class WebhookReply(msgspec.Struct, omit_defaults=True):
     """The body POSTed to a webhook channel's url."""
 
     id: str
@@ -49,6 +49,7 @@ class WebhookReply(msgspec.Struct):
     text: str
     kind: str
     origin: Origin
+    markup: str = ""  # "html" or "markdown" when the agent asked; absent: plain text
 
 
 _encode = msgspec.json.Encoder().encode
@@ -133,7 +134,9 @@ class WebhookDelivery:
 
     async def deliver(self, http: aiohttp.ClientSession, stored: StoredReply) -> None:
         r = stored.reply
-        body = _encode(WebhookReply(r.id, r.in_reply_to, r.session, r.text, r.kind, r.origin))
+        body = _encode(
+            WebhookReply(r.id, r.in_reply_to, r.session, r.text, r.kind, r.origin, r.markup)
+        )
         timestamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp}
         if self.hook.secret:

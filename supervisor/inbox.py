@@ -43,6 +43,7 @@ class Unsaved:
     text: str = ""
     kind: str = ""
     state: str = ""
+    markup: str = ""
 
 
 class ReplyWakeups:
@@ -217,17 +218,19 @@ class Inbox:
         for listener in self.on_stop:
             listener(message)
 
-    def reply(self, message: Message, index: int, text: str, kind: str) -> None:
+    def reply(self, message: Message, index: int, text: str, kind: str, markup: str = "") -> None:
         """Submit a reply to the origin of `message`, and nowhere else. Not awaited: it is
         announced once committed, and the turn's finish, submitted later, commits no
         earlier."""
         if self._unsaved_by[message.id]:  # after its earlier refused writes, in order
-            self._keep(Unsaved(message, index, text, kind))
+            self._keep(Unsaved(message, index, text, kind, markup=markup))
             return
         push = message.origin.channel in self.push_channels
-        fut = self.store.add_reply(message, index, text, kind, push=push)
+        fut = self.store.add_reply(message, index, text, kind, push=push, markup=markup)
         self._inflight.setdefault(message.id, []).append(fut)
-        fut.add_done_callback(partial(self._stored, Unsaved(message, index, text, kind)))
+        fut.add_done_callback(
+            partial(self._stored, Unsaved(message, index, text, kind, markup=markup))
+        )
 
     async def fail(self, message: Message, index: int, text: str) -> None:
         """Answer `message` with an error reply and close it."""
@@ -329,7 +332,9 @@ class Inbox:
             self._finished(message)
             return
         push = message.origin.channel in self.push_channels
-        reply = await self.store.add_reply(message, write.index, write.text, write.kind, push)
+        reply = await self.store.add_reply(
+            message, write.index, write.text, write.kind, push, markup=write.markup
+        )
         self._announce(message, write.kind, reply)
 
     # ---- for channels: waiting on turns and replies

@@ -126,6 +126,8 @@ CREATE TABLE corral.commands (
 CREATE INDEX commands_by_node ON corral.commands (node, taken);
 """,
     ),
+    # how the agent asked a reply to be shown: "", "html", "markdown"
+    (7, "ALTER TABLE corral.replies ADD COLUMN markup text NOT NULL DEFAULT '';"),
 ]
 LATEST: Final = MIGRATIONS[-1][0]
 

@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS replies (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
-    retried_at REAL  -- the last `corral dead-letters retry`: max_age counts from it
+    retried_at REAL,  -- the last `corral dead-letters retry`: max_age counts from it
+    markup TEXT NOT NULL DEFAULT ''  -- "", "html", "markdown": as the agent asked it shown
 );
 CREATE INDEX IF NOT EXISTS replies_by_session ON replies (session, channel, cursor);
 CREATE INDEX IF NOT EXISTS replies_by_message ON replies (message_id, idx);
@@ -111,7 +112,10 @@ PRIVATE = 0o600  # the database and its -wal and -shm: every message ever accept
 
 
 # columns added since the first schema: (table, column, declaration), for older files
-_ADDED_COLUMNS = [("replies", "retried_at", "REAL")]
+_ADDED_COLUMNS = [
+    ("replies", "retried_at", "REAL"),
+    ("replies", "markup", "TEXT NOT NULL DEFAULT ''"),  # how the agent asked it shown
+]
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

@@ -41,7 +41,13 @@ class DeliveryOps:
     # ---- outbox
 
     def add_reply(
-        self, message: Message, index: int, text: str, kind: str, push: bool = False
+        self,
+        message: Message,
+        index: int,
+        text: str,
+        kind: str,
+        push: bool = False,
+        markup: str = "",
     ) -> asyncio.Future[Reply | None]:
         """Store a reply keyed by (message, index); None if that reply exists already.
 
@@ -59,12 +65,13 @@ class DeliveryOps:
             text=text,
             kind=kind,
             origin=message.origin,
+            markup=markup,
         )
 
         def insert(conn: sqlite3.Connection, r: Reply) -> bool:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO replies (id, message_id, session, idx, text, kind, channel, "
-                "origin, created_at, delivery) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "origin, created_at, delivery, markup) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     r.id,
                     message.id,
@@ -76,6 +83,7 @@ class DeliveryOps:
                     _origin_encode(message.origin),
                     time.time(),
                     PENDING if push else FETCHED,
+                    r.markup,
                 ),
             )
             return cur.rowcount > 0

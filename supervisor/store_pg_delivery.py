@@ -55,7 +55,13 @@ class PgDeliveryOps:
     # ---- outbox
 
     def add_reply(
-        self, message: Message, index: int, text: str, kind: str, push: bool = False
+        self,
+        message: Message,
+        index: int,
+        text: str,
+        kind: str,
+        push: bool = False,
+        markup: str = "",
     ) -> asyncio.Future[Reply | None]:
         """Store a reply keyed by (message, index); None if that reply exists already.
 
@@ -74,6 +80,7 @@ class PgDeliveryOps:
             text=text,
             kind=kind,
             origin=message.origin,
+            markup=markup,
         )
         origin = _origin_encode(message.origin).decode()
 
@@ -85,8 +92,8 @@ class PgDeliveryOps:
             # one statement: the lease as it is (FOR SHARE), the reply, the hint
             row = conn.execute(
                 f"WITH {LEASE_OF_SESSION}, ins AS (INSERT INTO corral.replies (id, message_id, "
-                "session, idx, text, kind, channel, origin, created_at, delivery) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "session, idx, text, kind, channel, origin, created_at, delivery, markup) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (id) DO NOTHING RETURNING 1) "
                 f"SELECT (SELECT epoch FROM f), (SELECT count(*) FROM ins), {hint}",
                 (
@@ -102,6 +109,7 @@ class PgDeliveryOps:
                     origin,
                     time.time(),
                     PENDING if push else FETCHED,
+                    r.markup,
                     *hint_args[: 0 if push else 2],
                 ),
             ).fetchone()

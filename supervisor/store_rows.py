@@ -101,7 +101,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 _MESSAGE_COLUMNS = "seq, id, session, text, origin, attempts, state"
 _REPLY_COLUMNS = (
     "cursor, id, message_id, session, idx, text, kind, origin, delivery, attempts, created_at, "
-    "retried_at"
+    "retried_at, markup"
 )
 
 
@@ -128,7 +128,14 @@ def _summary(row: tuple[Any, ...]) -> SessionSummary:
 
 
 def _reply(
-    id_: str, message_id: str, session: str, idx: int, text: Any, kind: str, origin: Any
+    id_: str,
+    message_id: str,
+    session: str,
+    idx: int,
+    text: Any,
+    kind: str,
+    origin: Any,
+    markup: str = "",
 ) -> Reply:
     return Reply(
         id=id_,
@@ -138,6 +145,7 @@ def _reply(
         text=_text(text),
         kind=kind,
         origin=_origin_decode(origin),
+        markup=markup or "",
     )
 
 
@@ -166,9 +174,10 @@ def _message(row: tuple[Any, ...]) -> Message:
 
 
 def _stored_reply(row: tuple[Any, ...]) -> StoredReply:
-    cursor, *reply, delivery, attempts, created, retried = row
+    cursor, id_, message_id, session, idx, text, kind, origin, *rest = row
+    delivery, attempts, created, retried, markup = rest
     return StoredReply(
-        reply=_reply(*reply),
+        reply=_reply(id_, message_id, session, idx, text, kind, origin, markup),
         cursor=cursor,
         delivery=delivery,
         attempts=attempts,

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from corral.protocol import frames
-from corral.protocol.types import REPLY, ExitReason, SessionState, Turn
+from corral.protocol.types import MARKUPS, REPLY, ExitReason, SessionState, Turn
 from corral.supervisor.config import LimitsConfig
 from corral.supervisor.crashloop import secs
 from corral.supervisor.inbox import Inbox
@@ -166,11 +166,12 @@ class Turns:
             raise frames.FrameError(f"{type(frame).__name__} frame for a turn that is not running")
         loop = asyncio.get_running_loop()
         match frame:
-            case frames.ReplyFrame(text=text):
+            case frames.ReplyFrame(text=text, markup=markup):
                 if self.charge(w, len(text.encode())):
                     t.last_progress = loop.time()
                     t.next_index += 1
-                    self.inbox.reply(t.message, t.next_index - 1, text, REPLY)
+                    markup = markup if markup in MARKUPS else ""  # a worker is not trusted
+                    self.inbox.reply(t.message, t.next_index - 1, text, REPLY, markup)
             case frames.Progress(note=note):
                 if self.charge(w, FRAME_COST + len(note)) and self._admit(w, "progress"):
                     t.last_progress = loop.time()

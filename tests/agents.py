@@ -394,3 +394,9 @@ def tree(turn, ctx):  # type: ignore[no-untyped-def]
                 _sleep_forever()
             case _:
                 ctx.reply(command)
+
+
+def markup(turn, ctx):  # type: ignore[no-untyped-def]
+    """`MODE TEXT`: replies TEXT with ctx.reply(TEXT, markup=MODE); MODE "plain": no markup."""
+    mode, _, text = turn.text.partition(" ")
+    ctx.reply(text, markup="" if mode == "plain" else mode)

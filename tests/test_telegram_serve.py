@@ -288,3 +288,31 @@ def test_a_429_with_retry_after_3_is_honoured_and_holds_up_no_other_chat(corral,
     assert sent["another chat"] < sent["rate limited chat"]  # the other chat was not held up
     assert sent["rate limited chat"] >= limited_at + 2.9  # not before retry_after
     assert fake.early_sends(TOKEN) == []  # no send to that chat inside the 3 s
+
+
+MARKUP = "tests.agents:markup"
+
+
+def test_an_agent_asks_for_formatting_and_broken_markup_is_shown_as_typed(corral, fake):
+    c = corral(bot(fake), agent=MARKUP)
+    fake.user_message(TOKEN, PRIVATE, "markdown *bold* and _italic_")
+    fake.user_message(TOKEN, PRIVATE, "html <b>bold</b>")
+    fake.user_message(TOKEN, PRIVATE, "plain *as typed*")
+    fake.user_message(TOKEN, PRIVATE, "markdown *unclosed")
+    sent = fake.wait_sent(TOKEN, 4, timeout=60)
+    got = [(m["text"], m["parse_mode"]) for m in sent]
+    assert got == [
+        ("*bold* and _italic_", "MarkdownV2"),
+        ("<b>bold</b>", "HTML"),
+        ("*as typed*", None),  # plain text unless the agent asks
+        ("*unclosed", None),  # Telegram could not parse it: resent once as plain text
+    ]
+    # an unknown markup is the agent's error, answered as such
+    fake.user_message(TOKEN, PRIVATE, "rtf {\\b x}")
+    (last,) = fake.wait_sent(TOKEN, 5, timeout=60)[4:]
+    assert last["text"].startswith("turn failed:") and "markup" in last["text"]
+    # over HTTP the markup travels as a field of the reply; the text is as the agent wrote it
+    (reply,) = c.send("web", "html <i>hi</i>")["replies"]
+    assert reply == {"text": "<i>hi</i>", "kind": "reply", "markup": "html"}
+    (plain,) = c.send("web", "plain hi")["replies"]
+    assert plain == {"text": "hi", "kind": "reply"}

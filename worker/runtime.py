@@ -23,7 +23,7 @@ import msgspec
 
 from corral.protocol import frames
 from corral.protocol.spawn import WorkerSettings
-from corral.protocol.types import HistoryEntry, Turn
+from corral.protocol.types import MARKUPS, HistoryEntry, Turn
 from corral.worker import sandbox
 from corral.worker.confine import set_cpu_backstop
 from corral.worker.transcript import Transcript
@@ -127,13 +127,17 @@ class Context:
         self.session = turn.session
         self.log = logging.getLogger("corral.agent")
 
-    def reply(self, text: str) -> None:
-        """Send one reply to the user; also resets the no-progress deadline."""
+    def reply(self, text: str, markup: str = "") -> None:
+        """Send one reply to the user; also resets the no-progress deadline. `markup`:
+        "html" or "markdown" asks a channel that formats (Telegram) to show it so; a text
+        the channel cannot parse is shown as typed."""
         if not isinstance(text, str):
             raise TypeError(f"reply text must be str, not {type(text).__name__}")
+        if markup not in MARKUPS:
+            raise ValueError(f"reply markup must be one of {MARKUPS[1:]} or empty, not {markup!r}")
         with self._lock:  # transcript order matches the order the supervisor numbers them
             self._transcript.append("assistant", text, self._turn.id)
-            self._conn.send(frames.ReplyFrame(turn_id=self._turn.id, text=text))
+            self._conn.send(frames.ReplyFrame(turn_id=self._turn.id, text=text, markup=markup))
 
     def progress(self, note: str = "") -> None:
         """Tell the supervisor the turn is still moving (resets the no-progress deadline)."""

@@ -71,12 +71,13 @@ class WebhookMessage(msgspec.Struct, forbid_unknown_fields=True):
     account: str = ""
 
 
-class PolledReply(msgspec.Struct):
+class PolledReply(msgspec.Struct, omit_defaults=True):
     id: str
     in_reply_to: str
     text: str
     kind: str
     cursor: int
+    markup: str = ""  # "html" or "markdown" when the agent asked; absent: plain text
 
 
 class PollResult(msgspec.Struct):
@@ -329,7 +330,7 @@ class HttpChannel:
         if wait is None:
             return json_response(MessageResult(message.id, message.session, "accepted"), 202)
         finished, known = await self.inbox.wait_turn(message.id, wait)
-        replies = [ReplyOut(r.text, r.kind) for r in known]
+        replies = [ReplyOut(r.text, r.kind, r.markup) for r in known]
         if not finished:
             status = "pending"
         elif any(r.kind == ERROR for r in replies):
@@ -345,7 +346,14 @@ class HttpChannel:
         limit = int(_number(request, "limit", 100, 1, 1000) or 100)
         rows = await self.inbox.replies_after(session, CHANNEL, after, limit, wait)
         replies = [
-            PolledReply(r.reply.id, r.reply.in_reply_to, r.reply.text, r.reply.kind, r.cursor)
+            PolledReply(
+                r.reply.id,
+                r.reply.in_reply_to,
+                r.reply.text,
+                r.reply.kind,
+                r.cursor,
+                r.reply.markup,
+            )
             for r in rows
         ]
         cursor = replies[-1].cursor if replies else after

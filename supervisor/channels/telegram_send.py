@@ -111,6 +111,10 @@ def reply_to_of(origin: Origin) -> int | None:
     return int(value)
 
 
+# an agent's reply markup (protocol.types.MARKUPS) as Telegram's parse_mode
+PARSE_MODES = {"html": "HTML", "markdown": "MarkdownV2"}
+
+
 class Outcome(msgspec.Struct, frozen=True):
     state: str  # DELIVERED | PENDING (retry at `retry_at`) | DEAD
     error: str = ""
@@ -248,7 +252,12 @@ class TelegramDelivery:
         try:
             for i in range(done, len(parts)):
                 await self.send_part(
-                    api, r.origin, chat, parts[i], reply_to_of(r.origin) if i == 0 else None
+                    api,
+                    r.origin,
+                    chat,
+                    parts[i],
+                    reply_to_of(r.origin) if i == 0 else None,
+                    r.markup,
                 )
                 if len(parts) > 1:
                     await self.store.set_reply_parts_sent(r.id, i + 1)
@@ -259,10 +268,17 @@ class TelegramDelivery:
         return Outcome(DELIVERED)
 
     async def send_part(
-        self, api: BotApi, origin: Origin, chat: int, text: str, reply_to: int | None
+        self,
+        api: BotApi,
+        origin: Origin,
+        chat: int,
+        text: str,
+        reply_to: int | None,
+        markup: str = "",
     ) -> None:
         chat = self.migrated.get((origin.account, chat), chat)
-        parse_mode = self.parse_mode
+        # as the agent asked (ctx.reply(text, markup=...)), else plain text
+        parse_mode = PARSE_MODES.get(markup, self.parse_mode)
         for _ in range(3):  # at most one migration and one fallback to plain text
             try:
                 await api.send_message(
