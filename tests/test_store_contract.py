@@ -734,3 +734,18 @@ def test_a_retried_dead_letter_remembers_when_it_was_retried(backend: Backend) -
         await store.close()
 
     backend.run(body)
+
+
+def test_a_reply_keeps_the_markup_the_agent_asked_for(backend: Backend) -> None:
+    async def body() -> None:
+        store = await opened(backend.new())
+        m = (await store.accept("s", "q", HOOK, "mk")).message
+        await store.add_reply(m, 0, "<b>x</b>", "reply", push=True, markup="html")
+        await store.add_reply(m, 1, "plain", "reply", push=True)
+        got = [(r.reply.text, r.reply.markup) for r in await store.replies_for_message("mk")]
+        assert got == [("<b>x</b>", "html"), ("plain", "")]
+        (due, *_) = await store.due_deliveries("hooks", time.time(), 10)  # in order
+        assert (due.reply.text, due.reply.markup) == ("<b>x</b>", "html")
+        await store.close()
+
+    backend.run(body)
