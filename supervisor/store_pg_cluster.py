@@ -101,9 +101,9 @@ class PgClusterOps:
         epoch = self.epochs.get(session)
         if epoch is not None and found == epoch:
             return
-        self._lost(session)
+        self._lease_gone(session)
 
-    def _lost(self, session: str) -> None:
+    def _lease_gone(self, session: str) -> None:
         if self.on_lease_lost is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self.on_lease_lost, session)
         raise LeaseLost(f"session {session}: this node no longer holds its lease")
@@ -121,7 +121,7 @@ class PgClusterOps:
             ).fetchone()
             if row is not None:
                 return
-        self._lost(session)
+        self._lease_gone(session)
 
     # ---- nodes
 
