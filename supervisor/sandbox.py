@@ -82,8 +82,8 @@ def worker_sandbox(config: Config) -> SandboxSettings:
         )
     elif checks_http_peers(config):
         log.info(
-            "sandbox: the HTTP channel has no token: it refuses connections from processes "
-            "corral started (agents and their children), checked once per connection"
+            "sandbox: without channels.http.token, the HTTP channel refuses connections from "
+            "processes corral started (agents and their children), checked once per connection"
         )
     return SandboxSettings(
         enabled=sb.enabled,
