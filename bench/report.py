@@ -296,7 +296,7 @@ def sandbox(r: dict[str, Any]) -> list[str]:
         f"vs {_n(off['second_p50_ms'], ' ms')}; warm p50 {_n(on['warm_p50_ms'], ' ms')} "
         f"vs {_n(off['warm_p50_ms'], ' ms')} (extra {_n(t['files_warm_extra_p50_ms'], ' ms', 3)})",
         f"   goal: enter() <= 1 ms per spawn: {_verdict(extra is not None and extra <= 1)}",
-        f"   HTTP peer check (the default without a token) per new connection, allowed p50/p99: "
+        "   HTTP peer check (the default without a token) per new connection, allowed p50/p99: "
         + "; ".join(
             f"{n} workers {_n(c.get(f'allowed_p50_ms_{n}_workers'), ' ms', 3)} / "
             f"{_n(c.get(f'allowed_p99_ms_{n}_workers'), ' ms', 3)}"
