@@ -283,6 +283,7 @@ def sandbox(r: dict[str, Any]) -> list[str]:
     s, t, p = r["per_spawn"], r["per_turn"], r["per_spawn_corral_ports"]
     on, off = t["sandbox-on-files"], t["sandbox-off"]
     ports_on, files = t["sandbox-on"], t["sandbox-on-files"]
+    c = r.get("peer_check", {})
     extra = s["enter_p50_ms"]
     return [
         f"8. Sandbox: Landlock ABI {s['abi']}, {s['rules']} rules (plan built once in "
@@ -295,7 +296,15 @@ def sandbox(r: dict[str, Any]) -> list[str]:
         f"vs {_n(off['second_p50_ms'], ' ms')}; warm p50 {_n(on['warm_p50_ms'], ' ms')} "
         f"vs {_n(off['warm_p50_ms'], ' ms')} (extra {_n(t['files_warm_extra_p50_ms'], ' ms', 3)})",
         f"   goal: enter() <= 1 ms per spawn: {_verdict(extra is not None and extra <= 1)}",
-        f"   with corral's ports closed (zygote's layer {_n(p['zygote_layer_ms'], ' ms')} once): "
+        "   HTTP peer check (the default without a token) per new connection, allowed p50/p99: "
+        + "; ".join(
+            f"{n} workers {_n(c.get(f'allowed_p50_ms_{n}_workers'), ' ms', 3)} / "
+            f"{_n(c.get(f'allowed_p99_ms_{n}_workers'), ' ms', 3)}"
+            for n in (0, 100, 500)
+        )
+        + f"; refused p50 {_n(c.get('refused_p50_ms_1_worker'), ' ms', 3)}",
+        f'   with close_corral_ports = "always" (zygote\'s layer '
+        f"{_n(p['zygote_layer_ms'], ' ms')} once): "
         f"enter() p50/p99 {_n(p['enter_p50_ms'], ' ms', 3)} / {_n(p['enter_p99_ms'], ' ms', 3)}, "
         f"kernel memory {_n(p['kernel_kb_per_worker'], ' kB')} per worker (files only: "
         f"{_n(s['kernel_kb_per_worker'], ' kB')}); new session p50 "

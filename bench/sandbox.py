@@ -13,8 +13,14 @@ and every worker's layer stacked on it copies those rules: the figures name that
 the zygote's one-off cost, and the kernel memory each worker's domain holds (the
 SUnreclaim growth with 20 workers held restricted at once).
 
-Per turn, end to end: three `corral serve` (sandbox off; files only; files and corral's
-ports closed) up at once, the same
+The HTTP channel's peer check (the default without a token, instead of that layer):
+what supervisor/peers.refusal costs per new connection, with 0, 100 and 500 idle
+"workers" (forks holding 10 descriptors each) below the measuring process, for a
+connection from outside the tree (the worst case: every descriptor of the tree is
+read; what each CLI or client connection pays) and from the last worker (refused).
+
+Per turn, end to end: three `corral serve` (sandbox off; the defaults: files and the
+peer check; files and corral's ports closed by the layer) up at once, the same
 echo agent, five messages per new session, the servers taking turns; p50 of POST ?wait
 for the first message (a spawn), the second, and the third to fifth (warm). Goal: a
 warm turn costs the same (the kernel checks files as they are opened; an echo turn
@@ -108,6 +114,86 @@ print(json.dumps({"abi": plan.abi, "rules": len(plan.rules), "plan_s": plan_s,
 """
 
 
+PEER_SCRIPT = """
+import json, os, socket, sys, time
+from corral.supervisor import peers
+
+counts, rounds = [int(c) for c in sys.argv[1].split(",")], int(sys.argv[2])
+server = socket.create_server(("127.0.0.1", 0))
+port = server.getsockname()[1]
+out = {}
+workers = []
+r, w = os.pipe()
+for n in counts:
+    while len(workers) < n:
+        pid = os.fork()
+        if pid == 0:  # an idle worker: a few descriptors, waiting
+            os.close(w)
+            held = [os.pipe() for _ in range(5)]
+            os.read(r, 1)
+            os._exit(0)
+        workers.append(pid)
+    time.sleep(0.5)
+    outside = []
+    for _ in range(rounds):
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            conn, _ = server.accept()
+            t = time.perf_counter()
+            verdict = peers.refusal(conn.getsockname(), conn.getpeername())
+            outside.append(time.perf_counter() - t)
+            conn.close()
+        assert verdict is None, verdict
+    out[n] = {"outside": outside}
+os.close(w)
+os.close(r)
+for pid in workers:
+    os.waitpid(pid, 0)
+# refused: a connection held by a child (found on the way, the last one forked)
+inside = []
+for _ in range(rounds):
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        c = socket.create_connection(("127.0.0.1", port))
+        b.send(b"x")
+        b.recv(1)
+        os._exit(0)
+    conn, _ = server.accept()
+    a.recv(1)
+    t = time.perf_counter()
+    verdict = peers.refusal(conn.getsockname(), conn.getpeername())
+    inside.append(time.perf_counter() - t)
+    assert verdict and "held by" in verdict, verdict
+    a.send(b"x")
+    os.waitpid(pid, 0)
+    conn.close()
+print(json.dumps({"by_workers": out, "inside": inside}))
+"""
+
+
+def peer_check_cost(rounds: int, counts: list[int]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", PEER_SCRIPT, ",".join(map(str, counts)), str(rounds)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    r = json.loads(out.stdout)
+    figures: dict[str, Any] = {
+        f"allowed_p50_ms_{n}_workers": ms(percentile(v["outside"], 50))
+        for n, v in r["by_workers"].items()
+    }
+    figures.update(
+        {
+            f"allowed_p99_ms_{n}_workers": ms(percentile(v["outside"], 99))
+            for n, v in r["by_workers"].items()
+        }
+    )
+    figures["refused_p50_ms_1_worker"] = ms(percentile(r["inside"], 50))
+    return figures
+
+
 def ms(seconds: float | None) -> float | None:
     """Milliseconds to the microsecond: these figures are fractions of one."""
     return None if seconds is None else round(seconds * 1000, 3)
@@ -150,7 +236,8 @@ async def turn_cost(bench: Bench, n: int) -> dict[str, Any]:
                 "supervisor": {"idle_timeout": "1h", "max_workers": n + 20},
                 "sandbox": {
                     "enabled": name != "sandbox-off",
-                    "close_corral_ports": "always" if name == "sandbox-on" else "never",
+                    # sandbox-on-files: the defaults (files; the HTTP peer check, "auto")
+                    "close_corral_ports": "always" if name == "sandbox-on" else "auto",
                 },
             },
         )
@@ -200,9 +287,10 @@ async def run(bench: Bench) -> dict[str, Any]:
     n = 30 if bench.plan.quick else 200
     bench.say(f"sandbox: {n} forks with and without the restriction; turns with it on and off")
     return {
-        # the filesystem layer only (close_corral_ports never, or a token with "auto")
+        # the filesystem layer only (the defaults: "auto" is the HTTP peer check)
         "per_spawn": spawn_cost(n, []),
-        # the defaults without a token: the zygote's layer closing corral's ports beneath
+        # close_corral_ports = "always": the zygote's layer closing corral's ports beneath
         "per_spawn_corral_ports": spawn_cost(n, [8787, 9464]),
+        "peer_check": peer_check_cost(20 if bench.plan.quick else 100, [0, 100, 500]),
         "per_turn": await turn_cost(bench, max(10, n // 4)),
     }

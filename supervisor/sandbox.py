@@ -21,6 +21,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterator
 
+import msgspec
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from corral.protocol.spawn import SandboxLevel, SandboxSettings
@@ -74,11 +75,15 @@ def worker_sandbox(config: Config) -> SandboxSettings:
     closed = corral_ports(config) if closes_corral_ports(config) else []
     if closed:
         log.info(
-            "sandbox: agents may not connect to corral's own TCP ports %s (Landlock ABI >= 4); "
-            "Landlock has no port ranges, so each spawn copies ~65,000 port rules (~15 ms, "
-            "~4 MB of kernel memory per worker): set channels.http.token to go without%s",
+            "sandbox: agents may not connect to corral's own TCP ports %s (Landlock ABI >= 4, "
+            '[sandbox] close_corral_ports = "always"); Landlock has no port ranges, so each '
+            "spawn copies ~65,000 port rules (~15 ms, ~4 MB of kernel memory per worker)",
             ", ".join(map(str, closed)),
-            "" if sb.close_corral_ports == "auto" else ' and [sandbox] close_corral_ports = "auto"',
+        )
+    elif checks_http_peers(config):
+        log.info(
+            "sandbox: without channels.http.token, the HTTP channel refuses connections from "
+            "processes corral started (agents and their children), checked once per connection"
         )
     return SandboxSettings(
         enabled=sb.enabled,
@@ -92,13 +97,17 @@ def worker_sandbox(config: Config) -> SandboxSettings:
 
 
 def closes_corral_ports(config: Config) -> bool:
-    """Whether workers get the layer that refuses connects to corral's own ports: with
-    "auto", when the HTTP channel has no token (with one, the port is no door); never
-    with allow_connect_ports, which is an allow-list of its own."""
+    """Whether workers get the layer that refuses connects to corral's own ports: only
+    with "always" (it costs every spawn; "auto" is the HTTP channel's peer check), and
+    never with allow_connect_ports, which is an allow-list of its own."""
     sb = config.sandbox
-    if not sb.enabled or sb.allow_connect_ports or sb.close_corral_ports == "never":
-        return False
-    return sb.close_corral_ports == "always" or not config.channels.http.token
+    return sb.enabled and not sb.allow_connect_ports and sb.close_corral_ports == "always"
+
+
+def checks_http_peers(config: Config) -> bool:
+    """Whether the HTTP channel refuses connections from processes corral started
+    (supervisor/peers.py): without a token (a token suffices), unless "never"."""
+    return not config.channels.http.token and config.sandbox.close_corral_ports != "never"
 
 
 def corral_ports(config: Config) -> list[int]:
@@ -161,11 +170,13 @@ def open_doors(config: Config) -> list[str]:
         not config.channels.http.token
         and (not ports or port in ports)
         and not closes_corral_ports(config)
+        and not checks_http_peers(config)
     ):
         doors.append(
-            f"the HTTP channel on {config.channels.http.listen} has no token: agents can "
-            "reach it like any local process (post as and read replies of any session); "
-            "set channels.http.token, or [sandbox] allow_connect_ports without its port"
+            f"the HTTP channel on {config.channels.http.listen} has no token and "
+            '[sandbox] close_corral_ports = "never": agents can reach it like any local '
+            "process (post as and read replies of any session); set channels.http.token, "
+            'or close_corral_ports = "auto"'
         )
     if config.store.url:
         doors.append(
@@ -182,6 +193,16 @@ def zygote_environ(settings: SandboxSettings) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in hidden}
 
 
+HTTP_PEER_CHECK = "http_peer_check"  # the feature's name in `corral status` and metrics
+
+
+def with_peer_check(level: SandboxLevel | None, config: Config) -> SandboxLevel | None:
+    """The zygote's level plus the supervisor's own part: the HTTP channel's peer check."""
+    if level is None or not checks_http_peers(config):
+        return level
+    return msgspec.structs.replace(level, enforced=[*level.enforced, HTTP_PEER_CHECK])
+
+
 def describe(level: SandboxLevel) -> str:
     if not level.enabled:
         return "off ([sandbox] enabled = false): workers can read and write whatever corral can"
@@ -196,9 +217,9 @@ def describe(level: SandboxLevel) -> str:
             text += f"; not enforced on this kernel: {', '.join(level.missing)}"
     if "corral_ports" in level.missing:
         text += (
-            " (Landlock before ABI 4 has no TCP rules: agents can reach the HTTP channel "
-            "like any local process and post as and read the replies of any session; "
-            "set channels.http.token)"
+            " (Landlock before ABI 4 has no TCP rules: corral's ports stay open to agents; "
+            "the HTTP channel without a token still refuses their connections, unless "
+            '[sandbox] close_corral_ports = "never")'
         )
     return text
 

@@ -90,7 +90,11 @@ class Supervisor:
         self.spawner = Spawner(worker_settings(config, self.max_frame))
         # workers of a zygote replaced by a reload, and that zygote: retired after their turn
         self.old_spawner_of: dict[Worker, Spawner] = {}
-        self.metrics.registry.register(sandbox.LevelCollector(lambda: self.spawner.sandbox))
+        self.metrics.registry.register(
+            sandbox.LevelCollector(
+                lambda: sandbox.with_peer_check(self.spawner.sandbox, self.config)
+            )
+        )
         self.fds = Descriptors()
         self.procs = ProcThread()
         self.tasks = Tasks()

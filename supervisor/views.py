@@ -24,6 +24,7 @@ from corral.protocol.control import (
 )
 from corral.protocol.types import SessionState
 from corral.supervisor.metrics import SessionRow
+from corral.supervisor.sandbox import with_peer_check
 from corral.supervisor.sessions import Session
 from corral.supervisor.store import DeadLetter, HistoryItem, SessionSummary
 
@@ -211,7 +212,7 @@ def status(sup: Supervisor) -> Status:
         pollers=sup.telegram.status() if sup.telegram is not None else [],
         config=sup.config_path,
         store=store_health(sup),
-        sandbox=sup.spawner.sandbox,
+        sandbox=with_peer_check(sup.spawner.sandbox, sup.config),
         node=sup.cluster.node if sup.cluster is not None else "",
         nodes=sup.cluster.nodes() if sup.cluster is not None else [],
     )

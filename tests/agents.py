@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 
@@ -65,6 +66,9 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
     own (write, read and list its state_dir and $TMPDIR, read history) ·
     undumpable (PR_SET_DUMPABLE 0) · tcp PORT (connect to 127.0.0.1:PORT) · child-tcp PORT ·
     mptcp PORT · tfo PORT (the same through MPTCP, TCP Fast Open) ·
+    post PORT SESSION (POST a message as SESSION to the HTTP channel on 127.0.0.1:PORT:
+    "status CODE BODY") · child-post PORT SESSION · post-close PORT SESSION (send the
+    POST and close at once, before corral can look at the connection) ·
     cli ARGS... (runs `corral ARGS` from inside)
     """
     import signal as signals
@@ -169,6 +173,31 @@ def hostile(turn, ctx):  # type: ignore[no-untyped-def]
                     if done.returncode == 0
                     else "failed " + done.stderr[-100:].replace("\n", " ")
                 )
+            if verb == "post":
+                port, session = arg.split()
+                scope: dict[str, object] = {"ARGS": [port, session]}
+                exec(POST_SCRIPT, scope)
+                return str(scope["result"])
+            if verb == "child-post":
+                code = "import sys; ARGS = sys.argv[1:]\n" + POST_SCRIPT + "\nprint(result)"
+                done = subprocess.run(
+                    [sys.executable, "-c", code, *arg.split()],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                return done.stdout.strip() or "failed " + done.stderr[-200:].replace("\n", " ")
+            if verb == "post-close":
+                port, session = arg.split()
+                body = json.dumps({"session": session, "text": "sent and gone"}).encode()
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as s:
+                    s.sendall(
+                        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                        + body
+                    )
+                return "ok sent"
             if verb == "abstract":
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect("\0" + arg)
@@ -400,3 +429,14 @@ def markup(turn, ctx):  # type: ignore[no-untyped-def]
     """`MODE TEXT`: replies TEXT with ctx.reply(TEXT, markup=MODE); MODE "plain": no markup."""
     mode, _, text = turn.text.partition(" ")
     ctx.reply(text, markup="" if mode == "plain" else mode)
+
+
+# POSTs a message as ARGS[1] to the HTTP channel on 127.0.0.1:ARGS[0]; sets `result`
+POST_SCRIPT = """
+import http.client, json
+_c = http.client.HTTPConnection("127.0.0.1", int(ARGS[0]), timeout=10)
+_c.request("POST", "/v1/messages", json.dumps({"session": ARGS[1], "text": "as you"}),
+           {"Content-Type": "application/json"})
+_r = _c.getresponse()
+result = f"status {_r.status} {_r.read().decode()[:200]}"
+"""

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,12 @@ import pytest
 
 from corral.protocol.spawn import SandboxSettings
 from corral.supervisor.config import ConfigError, parse_config
-from corral.supervisor.sandbox import closes_corral_ports, corral_ports, describe
+from corral.supervisor.sandbox import (
+    checks_http_peers,
+    closes_corral_ports,
+    corral_ports,
+    describe,
+)
 from corral.worker import landlock, sandbox, seccomp
 from tests.harness import Corral, wait_for
 
@@ -240,17 +246,65 @@ def test_allow_connect_ports_limits_tcp_and_the_http_channel_port_can_be_left_ou
     assert "has no token" not in c.log()  # the channel is out of the agents' reach
 
 
+def test_by_default_an_agents_http_requests_get_403_and_nothing_is_accepted(
+    corral: Callable[..., Corral],
+) -> None:
+    c = corral(agent=HOSTILE)  # the defaults: an HTTP channel on loopback, no token
+    lines = attack(
+        c,
+        "mallory",
+        f"post {c.port} victim",
+        f"child-post {c.port} victim",
+        f"post-close {c.port} victim",  # gone before corral looks: refused too
+        f"tcp {c.port}",  # the port itself is open: no Landlock layer, no per-spawn cost
+    )
+    for line in lines[:2]:
+        assert line.startswith("status 403"), lines
+        assert "agents cannot use corral's HTTP channel" in line, lines
+    assert lines[2:] == ["ok sent", "ok connected"], lines
+    assert c.texts("alice", "hello") != []  # the test process is served
+    wait_for(lambda: c.log().count("HTTP: refused a connection") >= 1, timeout=10)
+    time.sleep(1.0)  # what the closed connection sent would be accepted by now
+    assert "victim" not in {r["session"] for r in c.ls()}
+    done = c.cli("history", "victim")
+    assert "as you" not in done.stdout and "sent and gone" not in done.stdout
+    assert "http_peer_check" in status(c)["sandbox"]["enforced"]
+    assert "corral_ports" not in status(c)["sandbox"]["enforced"]
+    assert c.metrics()['corral_sandbox_enforced{feature="http_peer_check"}'] == 1
+    assert "has no token" not in c.log()  # the door is closed: nothing to warn of
+
+
+def test_with_a_token_the_peer_check_is_skipped(corral: Callable[..., Corral]) -> None:
+    c = corral({"channels.http": {"token": "s3cret"}}, agent=HOSTILE)
+    (line,) = attack_with_token(c, "mallory", f"post {c.port} victim")
+    assert line.startswith("status 401"), line  # the token refuses it, not the peer check
+    assert "http_peer_check" not in status(c)["sandbox"]["enforced"]
+    assert "refused a connection" not in c.log()
+
+
+def attack_with_token(c: Corral, session: str, *commands: str) -> list[str]:
+    status_, body = c.request(
+        "POST",
+        "/v1/messages?wait=30",
+        {"session": session, "text": ";".join(commands)},
+        headers={"Authorization": "Bearer s3cret"},
+    )
+    assert status_ == 200, (status_, body)
+    (reply,) = [r["text"] for r in body["replies"]]
+    return reply.split("\n")  # type: ignore[no-any-return]
+
+
 needs_tcp_rules = pytest.mark.skipif(ABI < 4, reason="TCP rules need Landlock ABI 4")
 
 
 @needs_tcp_rules
-def test_by_default_agents_cannot_connect_to_corrals_own_ports_but_to_any_other(
+def test_with_close_corral_ports_always_agents_cannot_connect_to_corrals_own_ports(
     corral: Callable[..., Corral],
 ) -> None:
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
-        c = corral(agent=HOSTILE)  # the defaults: an HTTP channel on loopback, no token
+        c = corral({"sandbox": {"close_corral_ports": "always"}}, agent=HOSTILE)
         port = other.getsockname()[1]
         lines = attack(c, "mallory", f"tcp {c.port}", f"tcp {c.metrics_port}", f"tcp {port}")
         # and so does what the agent starts; and the ways around Landlock's TCP rules
@@ -264,7 +318,7 @@ def test_by_default_agents_cannot_connect_to_corrals_own_ports_but_to_any_other(
     assert c.texts("alice", "own") != []  # corral serves everyone else
     assert {"corral_ports", "tcp_bypass_filter"} <= set(status(c)["sandbox"]["enforced"])
     assert c.metrics()['corral_sandbox_enforced{feature="corral_ports"}'] == 1
-    assert "has no token" not in c.log()  # the door is closed: nothing to warn of
+    assert "has no token" not in c.log()
 
 
 @needs_tcp_rules
@@ -277,7 +331,10 @@ def test_the_openai_agent_reaches_its_endpoint_on_another_local_port(
     fake = FakeOpenAI(api_key="sk-fake-sandbox").start()
     try:
         options = {"base_url": fake.base_url, "model": "m", "api_key_env": "CORRAL_TEST_FAKE_KEY"}
-        c = corral({"agent.options": options}, agent="corral.worker.agents.openai:agent")
+        c = corral(
+            {"agent.options": options, "sandbox": {"close_corral_ports": "always"}},
+            agent="corral.worker.agents.openai:agent",
+        )
         assert c.texts("alice", "hello") == ["echo: hello"]
         assert "corral_ports" in status(c)["sandbox"]["enforced"]
         c.stop()
@@ -290,19 +347,22 @@ def test_with_close_corral_ports_never_the_http_channel_is_open_and_named_at_sta
 ) -> None:
     c = corral({"sandbox": {"close_corral_ports": "never"}}, agent=HOSTILE)
     assert "sandbox: the HTTP channel on 127.0.0.1:" in c.log()
-    (line,) = attack(c, "mallory", f"tcp {c.port}")
-    assert line == "ok connected"
-    assert "corral_ports" not in status(c)["sandbox"]["enforced"]
+    (line,) = attack(c, "mallory", f"post {c.port} victim")
+    assert line.startswith("status 202"), line
+    assert not {"corral_ports", "http_peer_check"} & set(status(c)["sandbox"]["enforced"])
 
 
 def test_which_ports_are_corrals_own() -> None:
     def ports(extra: str) -> list[int]:
         cfg = parse_config(
             '[channels.http]\nlisten = "127.0.0.1:8787"\n[metrics]\nlisten = "127.0.0.1:9464"\n'
-            + extra
+            '[sandbox]\nclose_corral_ports = "always"\n' + extra
         )
         return corral_ports(cfg) if closes_corral_ports(cfg) else []
 
+    # "auto" (the default) is the HTTP channel's peer check: no layer of port rules
+    default = parse_config("")
+    assert not closes_corral_ports(default) and checks_http_peers(default)
     assert ports("") == [8787, 9464]
     assert ports('[store]\nurl = "postgresql://corral@127.0.0.1:5433/corral"\n') == [
         5433,
@@ -320,12 +380,13 @@ def test_which_ports_are_corrals_own() -> None:
         9464,
     ]
     assert ports('[store]\nurl = "postgresql:///corral"\n') == [8787, 9464]  # unix socket
-    # with a token the channel is no door, so "auto" adds no layer; "always" does
+    # with a token the channel is no door: no peer check; "always" still adds the layer
     token = '[channels.http]\ntoken = "t"\n'
     cfg = parse_config(token + '[sandbox]\nclose_corral_ports = "always"\n')
-    assert closes_corral_ports(cfg)
+    assert closes_corral_ports(cfg) and not checks_http_peers(cfg)
     assert not closes_corral_ports(parse_config(token))
-    assert ports("[sandbox]\nallow_connect_ports = [443]\n") == []  # its own allow-list
+    assert not checks_http_peers(parse_config('[sandbox]\nclose_corral_ports = "never"\n'))
+    assert ports("allow_connect_ports = [443]\n") == []  # its own allow-list
     with pytest.raises(ConfigError, match=r"sandbox\.close_corral_ports"):
         parse_config('[sandbox]\nclose_corral_ports = "yes"\n')
 
@@ -362,12 +423,12 @@ def test_the_tcp_bypass_filter_refuses_io_uring_smc_and_mptcp_and_nothing_else()
     assert done.stdout.split() == ["ENOSYS", "EAFNOSUPPORT", "EPROTONOSUPPORT", "fine"]
 
 
-def test_before_landlock_abi_4_status_says_the_http_channel_is_reachable() -> None:
+def test_before_landlock_abi_4_status_says_corrals_ports_stay_open() -> None:
     plan = sandbox.Plan(abi=3, settings=SandboxSettings(deny_connect_ports=[8787]))
     level = plan.level()
     assert "corral_ports" in level.missing
     text = describe(level)
-    assert "agents can reach the HTTP channel" in text and "channels.http.token" in text
+    assert "corral's ports stay open to agents" in text and "refuses their connections" in text
     assert "corral_ports" in sandbox.Plan(abi=4, settings=plan.settings).level().enforced
 
 

@@ -29,10 +29,18 @@ from corral.protocol.types import (
     Origin,
     check_session_key,
 )
-from corral.supervisor.channels.http_server import AcceptErrors, Burst, GuardedRunner, json_error
+from corral.supervisor import peers
+from corral.supervisor.channels.http_server import (
+    AcceptErrors,
+    Burst,
+    GuardedHandler,
+    GuardedRunner,
+    json_error,
+)
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.inbox import Inbox
 from corral.supervisor.logs import clean
+from corral.supervisor.sandbox import checks_http_peers
 from corral.supervisor.storethread import StoreError
 from corral.supervisor.supervisor import Draining, IdConflict, QueueFull, Supervisor
 
@@ -168,6 +176,19 @@ class HttpChannel:
         self._runner: web.AppRunner | None = None
         self._accept_errors: AcceptErrors | None = None
         self.gone = Burst(log, logging.INFO)
+        self.refused = Burst(log)
+        self.check_failed = Burst(log)
+        # no token: refuse connections whose other end a process corral started holds
+        self.check_peers = checks_http_peers(config)
+
+    async def peer_refusal(self, ours: tuple[str, int], theirs: tuple[str, int]) -> str | None:
+        """Why the connection from `theirs` comes from an agent (None: it does not); on
+        the proc thread. A lookup that fails allows the connection, once logged."""
+        try:
+            return await self.sup.procs.run(lambda: peers.refusal(ours, theirs))
+        except Exception as e:
+            self.check_failed.report("HTTP: cannot check a connection's peer: %s", e)
+            return None
 
     def app(self) -> web.Application:
         # JSON escaping can grow text up to 6x; past that the text is too long anyway
@@ -192,6 +213,7 @@ class HttpChannel:
             self.app(),
             max_connections=http.max_connections,
             header_timeout=float(http.header_timeout),
+            peer_check=self.peer_refusal if self.check_peers else None,
             keepalive_timeout=float(http.keepalive_timeout),
             # after an answer given before the body was read (413): how long the rest of
             # the body is read and dropped, so the client sees the answer, not a reset
@@ -217,6 +239,12 @@ class HttpChannel:
     async def guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        protocol = request.protocol
+        if isinstance(protocol, GuardedHandler) and (why := await protocol.peer_refusal()):
+            self.refused.report("HTTP: refused a connection from %s: %s", request.remote, why)
+            resp = error(403, f"{peers.REFUSED}: the connection's other end is {why}")
+            resp.force_close()
+            return resp
         if self.token and request.path != HEALTH_PATH:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):

@@ -10,6 +10,9 @@ keep-alive connection) are the connection's, not a handler's:
 - `body_timeout`: the body, once the head is in (applied by the channel's handlers);
 - `max_connections`: past it a new connection gets a 503 and is closed at once.
 
+`peer_check` (no token): each connection's peer is looked up once, on the proc thread,
+from its start; its first request waits for the verdict (supervisor/peers.py).
+
 aiohttp's keep-alive timer also runs from the connection's start, so a client that
 never sends a byte is closed after keepalive_timeout.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -31,6 +34,8 @@ from corral.supervisor.logs import clean
 
 log = logging.getLogger("corral.http")
 
+# (our address, the peer's) -> why the peer is refused, or None
+PeerCheck = Callable[[tuple[str, int], tuple[str, int]], Awaitable[str | None]]
 _json = msgspec.json.Encoder()
 BURST_QUIET = 60.0  # seconds without a repeat that end a burst of the same complaint
 
@@ -80,6 +85,7 @@ class GuardedHandler(RequestHandler):
 
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+    _peer: asyncio.Future[str | None] | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -99,6 +105,13 @@ class GuardedHandler(RequestHandler):
                 )
             )
             self.force_close()
+        elif server.peer_check is not None:
+            ours, theirs = (
+                transport.get_extra_info("sockname"),
+                transport.get_extra_info("peername"),
+            )
+            if ours and theirs:  # TCP: the pair names the peer's socket
+                self._peer = asyncio.ensure_future(server.peer_check(ours[:2], theirs[:2]))
 
     def data_received(self, data: bytes) -> None:
         # between requests (start() waits for one), or before the first: the handler
@@ -131,7 +144,15 @@ class GuardedHandler(RequestHandler):
             )
             self.force_close()
 
+    async def peer_refusal(self) -> str | None:
+        """Why this connection's peer may not use the channel (None: it may), once."""
+        if self._peer is None:
+            return None
+        return await asyncio.shield(self._peer)
+
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._peer is not None and not self._peer.done():
+            self._peer.cancel()
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -176,11 +197,13 @@ class GuardedServer(web.Server):
         *,
         max_connections: int,
         header_timeout: float,
+        peer_check: PeerCheck | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.peer_check = peer_check
         self.too_many = Burst(log)
         self.slow = Burst(log, logging.INFO)
         self.malformed = Burst(log, logging.INFO)
@@ -195,11 +218,18 @@ class GuardedRunner(web.AppRunner):
     """An AppRunner whose server is a GuardedServer."""
 
     def __init__(
-        self, app: web.Application, *, max_connections: int, header_timeout: float, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        header_timeout: float,
+        peer_check: PeerCheck | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.peer_check = peer_check
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's start-up and freeze
@@ -208,6 +238,7 @@ class GuardedRunner(web.AppRunner):
             request_factory=plain.request_factory,
             max_connections=self.max_connections,
             header_timeout=self.header_timeout,
+            peer_check=self.peer_check,
             **self._kwargs,
             debug=False,
         )
