@@ -56,3 +56,24 @@ def test_a_stopped_supervisors_workers_end_before_another_node_runs_their_sessio
     assert "hal" not in workers_of(victim)
     assert victim.metrics()['corral_worker_exits_total{reason="lease_lost"}'] == 1
     print(f"fence: worker gone {gone_after:.2f}s after SIGSTOP, taken over at {taken_after:.2f}s")
+
+
+def test_a_turn_cut_off_by_the_fence_runs_again_on_the_node_that_still_holds_its_lease(
+    corral, pg_url
+):
+    (a,) = start_nodes(corral, pg_url, ["a"], CHAOS)
+    status, _ = a.request("POST", "/v1/messages", {"session": "jo", "text": "sleep 4; echo x"})
+    assert status == 202
+    wait_for(lambda: "jo" in workers_of(a), timeout=30)
+    assert a.proc is not None
+    # stopped past the workers' fence (1.75 s after a renewal at lease_ttl 3s): no other
+    # node takes the session, so this node still holds it when it runs again
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "jo" not in workers_of(a), timeout=15)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    replies = wait_for(lambda: replies_of(a, "jo"), timeout=60)
+    assert [r["text"] for r in replies] == ["x"]
+    assert a.metrics()['corral_worker_exits_total{reason="lease_lost"}'] == 1
+    assert a.texts("jo", "echo after") == ["after"]
