@@ -74,8 +74,22 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     reason: str
 
 
+class Fence(msgspec.Struct, tag="fence", frozen=True):
+    """In a cluster: the worker may run until `until` (CLOCK_MONOTONIC seconds, which is
+    one clock for every process on the machine), a point before the node's lease of the
+    session can expire for other nodes. Each renewal sends a later one; a worker not told
+    again in time kills everything below it and exits with FENCE_EXIT, so a node whose
+    supervisor is stopped (SIGSTOP, a stalled loop) leaves no worker running a session
+    another node has taken over. A worker never sent one has no such deadline."""
+
+    until: float
+
+
+# the exit code of a worker that ended itself at its fence: its node's lease had lapsed
+FENCE_EXIT: Final = 86
+
 WorkerFrame = Hello | ReplyFrame | Progress | Log | Done
-SupervisorFrame = TurnFrame | Shutdown
+SupervisorFrame = TurnFrame | Shutdown | Fence
 
 _encoder = msgspec.msgpack.Encoder()
 

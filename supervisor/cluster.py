@@ -39,6 +39,7 @@ import msgspec
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram
 
+from corral.protocol import frames
 from corral.protocol.control import KillResult, NodeInfo, SessionInfo
 from corral.protocol.types import ERROR, ExitReason, HistoryEntry
 from corral.supervisor.pg_schema import StoreError, redact
@@ -60,6 +61,7 @@ from corral.supervisor.storethread import StoreClosed
 if TYPE_CHECKING:
     from corral.supervisor.sessions import Session
     from corral.supervisor.supervisor import Supervisor
+    from corral.supervisor.worker import Worker
 
 log = logging.getLogger("corral.cluster")
 
@@ -100,6 +102,8 @@ class Cluster:
         self.fenced = False  # every worker stopped; leases to be let go once renewed
         self.left = False  # the node has left the cluster (the end of a drain)
         self.last_renewed = 0.0  # loop time of the start of the last successful renewal
+        # CLOCK_MONOTONIC (what workers compare with) at the start of that renewal
+        self.renewed_monotonic = time.monotonic()
         self.node_rows: list[NodeRow] = []  # as of the last renewal
         self._wake = asyncio.Event()
         self._needs: set[str] = set()  # what the claim loop is asked to do before its poll
@@ -156,6 +160,7 @@ class Cluster:
         self.store.node = self.node
         self.store.on_lease_lost = lambda key: self.lose(key, "a write of its turn was fenced")
         self.last_renewed = loop.time()
+        self.renewed_monotonic = time.monotonic()
         log.info(
             "node %s joined the cluster (lease_ttl %gs, renewed every %gs, fenced after %gs)",
             self.node,
@@ -293,6 +298,7 @@ class Cluster:
         loop = asyncio.get_running_loop()
         while True:  # ends when cancelled at close, or when the node leaves
             started = loop.time()
+            started_monotonic = time.monotonic()
             left = self.last_renewed + self.fence_after - started
             try:
                 async with self._lock, asyncio.timeout(max(0.05, min(left, self.ttl))):
@@ -313,12 +319,35 @@ class Cluster:
                 await asyncio.sleep(min(self.poll, self.renew_every))
                 continue
             self.last_renewed = started
+            self.renewed_monotonic = started_monotonic
+            if not self.fenced:
+                for w in self.sup.sessions.workers():
+                    self.tell(w)
             if self.fenced:
                 self.fenced = False
                 log.warning("node %s: the database answers again: taking work again", self.node)
                 self._need("claim")
             self.m_nodes.set(sum(1 for n in self.node_rows if n.alive))
             await asyncio.sleep(self.renew_every)
+
+    def tell(self, w: Worker) -> None:
+        """Tell a worker how long this node's lease is good for: until the point the
+        node's own fence would begin, measured from the start of the last successful
+        renewal. A worker not told again in time ends itself (worker/runtime.py Fence),
+        so a stopped supervisor leaves no worker running what another node took over."""
+        if self.fenced or w.exit is not None:
+            return
+        w.send(frames.Fence(until=self.renewed_monotonic + self.fence_after))
+
+    def fenced_out(self, key: str, message_id: str) -> None:
+        """A worker ended itself at its fence mid-turn (this supervisor was stalled past
+        it): the turn is not answered here, but if the lease is still this node's, its
+        message is queued again by the next refresh (which reads the database's leases,
+        so a session another node took over meanwhile is not run here)."""
+        log.warning("session %s: its worker ended itself at its lease's fence", key)
+        if (known := self.known.get(key)) is not None:
+            known.discard(message_id)
+        self._need("refresh")
 
     def _reconcile(self, renewed: dict[str, int]) -> None:
         """Sessions held in memory that the renewal did not find are lost."""

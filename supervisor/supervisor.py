@@ -358,6 +358,9 @@ class Supervisor:
                 return
             await serve(w, self.max_frame, self.ready_callback(s, w), self.frame_callback(w))
             exit = await self.reap(w)
+            if self.cluster is not None and w.exit is None and w.turn is not None:
+                if exit.reason is ExitReason.LEASE_LOST:  # it ended itself at its fence
+                    self.cluster.fenced_out(s.key, w.turn.message.id)
             await self.crashloops.record(s.key, exit.reason)  # may quarantine the session
             # its turn: an error reply, or back in the queue on drain; nothing is awaited
             # from the turn's answer to the `finally`, so whoever sees the answer finds
@@ -410,6 +413,8 @@ class Supervisor:
         def ready() -> None:  # the worker said hello
             loop_time = asyncio.get_running_loop().time()
             self.metrics.spawn_seconds.observe(w.spawn_seconds + loop_time - w.started)
+            if self.cluster is not None:
+                self.cluster.tell(w)  # before its first turn: the lease's deadline
             self.dispatch(s)
 
         return ready

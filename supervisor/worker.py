@@ -82,6 +82,11 @@ def describe_exit(exited: spawn.Exited | None, memory_max: int) -> Exit:
             return Exit(ExitReason.CPU_LIMIT, "CPU time limit exceeded (kernel backstop)")
         return Exit(ExitReason.CRASHED, f"the worker was killed by {signal.Signals(sig).name}")
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code == frames.FENCE_EXIT:
+        return Exit(
+            ExitReason.LEASE_LOST,
+            "the worker ended itself: its node did not renew the session's lease in time",
+        )
     if code == 0:
         return Exit(ExitReason.CRASHED, "the worker exited in the middle of the turn")
     return Exit(ExitReason.CRASHED, f"the worker crashed (exit code {code})")
@@ -132,7 +137,7 @@ class Worker:
     def cpu(self) -> float:
         return self.sample.cpu if self.sample else 0.0
 
-    def send(self, frame: frames.TurnFrame | frames.Shutdown) -> None:
+    def send(self, frame: frames.TurnFrame | frames.Shutdown | frames.Fence) -> None:
         """Queue a frame for the worker; never waits (the worker reads when idle)."""
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(frames.encode(frame))

@@ -12,16 +12,19 @@ import importlib
 import inspect
 import logging
 import os
+import queue
 import resource
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from corral.protocol import frames
+from corral.protocol import frames, procfs
 from corral.protocol.spawn import WorkerSettings
 from corral.protocol.types import MARKUPS, HistoryEntry, Turn
 from corral.worker import sandbox
@@ -90,6 +93,39 @@ class Connection:
 
     def receive(self) -> frames.SupervisorFrame | None:
         return frames.read_frame(self.sock, self._decoder, self.max_frame)  # type: ignore[no-any-return]
+
+
+class Fence:
+    """The worker's side of its node's lease (a cluster only): a daemon thread that
+    sleeps until the last Fence frame's `until`, and past it kills every process below
+    the worker and exits the worker with FENCE_EXIT. Started by the first Fence frame;
+    each later one moves the deadline on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._until: float | None = None
+
+    def extend(self, until: float) -> None:
+        with self._cond:
+            first = self._until is None
+            self._until = until if first else max(until, self._until or until)
+            self._cond.notify()
+        if first:
+            threading.Thread(target=self._watch, name="corral-fence", daemon=True).start()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:  # ends when the deadline passes without a later one
+                assert self._until is not None
+                left = self._until - time.monotonic()  # CLOCK_MONOTONIC, as the sender's
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        me = os.getpid()
+        for _ in range(3):  # what forks while the tree is killed is caught next round
+            if not procfs.signal_below(me, signal.SIGKILL):
+                break
+        os._exit(frames.FENCE_EXIT)
 
 
 class FrameLogHandler(logging.Handler):
@@ -177,6 +213,32 @@ class Runtime:
         self.plan = plan  # the sandbox to enter before the first turn (None: none)
         self.state_dir = Path(settings.state_dir) / "agents" / session
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.fence = Fence()
+        self._frames: queue.SimpleQueue[frames.SupervisorFrame | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None  # what ended the reader thread
+
+    def _read_frames(self) -> None:
+        """The reader thread: Fence frames are acted on at once, even mid-turn; the
+        others go to the frame loop. None (the end of the stream) ends it; a broken
+        frame ends it too, after handing the error on."""
+        try:
+            while True:  # ends at the end of the stream
+                frame = self.conn.receive()
+                if isinstance(frame, frames.Fence):
+                    self.fence.extend(frame.until)
+                    continue
+                self._frames.put(frame)
+                if frame is None:
+                    return
+        except BaseException as e:
+            self._error = e
+            self._frames.put(None)
+
+    def _next_frame(self) -> frames.SupervisorFrame | None:
+        frame = self._frames.get()
+        if frame is None and self._error is not None:
+            raise self._error
+        return frame
 
     def serve(self) -> int:
         """Run turns until the supervisor says stop or goes away; the exit code."""
@@ -195,10 +257,13 @@ class Runtime:
         if self.plan is not None:
             # from here on the transcript is reached through its open descriptor only
             sandbox.enter(self.plan, [self.state_dir])
+        # started inside the sandbox, so the thread is as confined as the agent
+        threading.Thread(target=self._read_frames, name="corral-frames", daemon=True).start()
         while True:  # ends when the supervisor sends Shutdown or closes the socket
-            frame = self.conn.receive()
+            frame = self._next_frame()
             if frame is None or isinstance(frame, frames.Shutdown):
                 return 0
+            assert isinstance(frame, frames.TurnFrame)  # Fence frames stay in the reader
             self.run_turn(frame.turn, transcript)
 
     def run_turn(self, turn: Turn, transcript: Transcript) -> None:

@@ -1,0 +1,79 @@
+"""A node whose supervisor is stopped (SIGSTOP) past its lease: its workers end
+themselves at the fence the supervisor last sent, so another node that takes the
+session over never runs it beside them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from tests.harness import wait_for
+from tests.test_cluster import CHAOS, replies_of, start_nodes, workers_of
+
+
+def test_a_stopped_supervisors_workers_end_before_another_node_runs_their_session(corral, pg_url):
+    a, b = start_nodes(corral, pg_url, ["a", "b"], CHAOS)
+    status, _ = a.request("POST", "/v1/messages", {"session": "hal", "text": "sleep 6; echo x"})
+    assert status == 202
+    wait_for(lambda: "hal" in workers_of(a) or "hal" in workers_of(b), timeout=30)
+    victim, survivor = (a, b) if "hal" in workers_of(a) else (b, a)
+    assert victim.proc is not None
+    samples: list[tuple[float, int, int]] = []  # (time, victim's workers, survivor's)
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():  # ends when the test has seen enough
+            v = len(workers_of(victim).get("hal", []))
+            s = len(workers_of(survivor).get("hal", []))
+            samples.append((time.monotonic(), v, s))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stopped_at = time.monotonic()
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        # the stopped node's worker ends itself at its fence, before the lease expires
+        wait_for(lambda: "hal" not in workers_of(victim), timeout=15)
+        gone_after = time.monotonic() - stopped_at
+        # past the lease: the survivor takes the session over and runs the turn again
+        wait_for(lambda: "hal" in workers_of(survivor), timeout=30)
+        taken_after = time.monotonic() - stopped_at
+        replies = wait_for(lambda: replies_of(survivor, "hal"), timeout=30)
+        assert [r["text"] for r in replies] == ["x"]
+        assert survivor.texts("hal", "echo after", wait=60) == ["after"]
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    # the stopped node runs again, rejoins, and runs sessions again
+    assert victim.texts("ivy", "echo back", wait=60) == ["back"]
+    time.sleep(1.0)
+    sampling.set()
+    sampler.join(timeout=10)
+    assert max(v + s for _, v, s in samples) <= 1, samples
+    assert gone_after < taken_after
+    assert "hal" not in workers_of(victim)
+    assert victim.metrics()['corral_worker_exits_total{reason="lease_lost"}'] == 1
+    print(f"fence: worker gone {gone_after:.2f}s after SIGSTOP, taken over at {taken_after:.2f}s")
+
+
+def test_a_turn_cut_off_by_the_fence_runs_again_on_the_node_that_still_holds_its_lease(
+    corral, pg_url
+):
+    (a,) = start_nodes(corral, pg_url, ["a"], CHAOS)
+    status, _ = a.request("POST", "/v1/messages", {"session": "jo", "text": "sleep 4; echo x"})
+    assert status == 202
+    wait_for(lambda: "jo" in workers_of(a), timeout=30)
+    assert a.proc is not None
+    # stopped past the workers' fence (1.75 s after a renewal at lease_ttl 3s): no other
+    # node takes the session, so this node still holds it when it runs again
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "jo" not in workers_of(a), timeout=15)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    replies = wait_for(lambda: replies_of(a, "jo"), timeout=60)
+    assert [r["text"] for r in replies] == ["x"]
+    assert a.metrics()['corral_worker_exits_total{reason="lease_lost"}'] == 1
+    assert a.texts("jo", "echo after") == ["after"]
