@@ -139,7 +139,8 @@ def dead_letter_table(rows: list[DeadLetterInfo]) -> list[str]:
 
 
 def fields(shown: dict[str, object], width: int) -> list[str]:
-    """`key:` padded to `width`, then the value; a line each."""
+    """`key:` padded to `width` (wider if a key needs it), then the value; a line each."""
+    width = max([width, *(len(key) + 2 for key in shown)])
     return [f"{key + ':':<{width}}{value}" for key, value in shown.items()]
 
 
