@@ -74,7 +74,8 @@ def test_any_node_accepts_and_the_owner_answers_with_the_history_growing(corral,
     waiter = threading.Thread(target=lambda: polled.append(b.request("GET", path)))
     waiter.start()
     time.sleep(0.5)
-    owner = next(r["node"] for r in a.ls() if r["session"] == "carol")
+    # another node's rows in `ls` are as of its last renewal (up to lease_ttl/5 old)
+    owner = wait_for(lambda: next((r["node"] for r in a.ls() if r["session"] == "carol"), None))
     (b if owner == "a" else a).request(
         "POST", "/v1/messages", {"session": "carol", "text": "m6"}
     )  # accepted on the node that does not run carol
