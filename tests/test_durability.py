@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import sqlite3
 import threading
 import time
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 from corral.protocol.types import Origin
 from corral.supervisor.store import FETCHED, Store
+from tests.crashes import TEXT, assert_answered_interrupted_twice, crash_twice_during
 from tests.harness import Corral
 from tests.receiver import Receiver
 
@@ -114,33 +114,9 @@ def test_sigkill_mid_run_and_restart_every_message_gets_exactly_one_reply(tmp_pa
 
 def test_a_message_interrupted_twice_by_crashes_is_answered_with_an_error(tmp_path):
     c = Corral(tmp_path, agent=CHAOS).start()
-    text = "echo part; sleep 600"  # a reply before the hang: the error must not collide with it
-    c.request("POST", "/v1/messages", {"session": "doomed", "text": text, "id": "doomed-1"})
-    for _ in range(2):
-        db = sqlite3.connect(c.state / "corral.db")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # wait until this run has started the turn
-            attempts = db.execute("SELECT attempts FROM messages WHERE id = 'doomed-1'").fetchone()[
-                0
-            ]
-            rows = json.loads(c.cli("ls", "--json").stdout or '{"sessions": []}')["sessions"]
-            if rows and rows[0]["state"] == "busy" and rows[0]["attempt"] == attempts:
-                break
-            time.sleep(0.1)
-        c.kill9()
-        c.start()
-    status, body = c.request(
-        "POST", "/v1/messages?wait=20", {"session": "doomed", "text": text, "id": "doomed-1"}
-    )
-    assert status == 200
-    assert body["status"] == "error"
-    assert [r["text"] for r in body["replies"]] == [
-        "part",
-        "turn not run again: it was interrupted 2 times [crashed]",
-    ]
-    assert c.texts("doomed", "echo alive") == ["alive"]
-    assert c.stop() == 0
-    assert not c.leftovers()
+    c.request("POST", "/v1/messages", {"session": "doomed", "text": TEXT, "id": "doomed-1"})
+    crash_twice_during(c, "doomed-1")
+    assert_answered_interrupted_twice(c, "doomed", "doomed-1")
 
 
 def test_restart_after_sigkill_finds_no_stale_lock_socket_port_or_worker(tmp_path):
