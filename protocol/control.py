@@ -84,7 +84,7 @@ class PollerHealth(msgspec.Struct, kw_only=True):
     """A polling channel's receiver (one Telegram bot): what `corral status` shows."""
 
     bot: str
-    state: str = "starting"  # starting | polling | retrying | failed
+    state: str = "starting"  # starting | polling | retrying | failed | standby
     username: str = ""
     last_poll: float | None = None  # wall time of the last completed poll
     last_error: str = ""

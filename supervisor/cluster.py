@@ -92,6 +92,9 @@ class Cluster:
         self.ttl = float(config.cluster.lease_ttl)
         kill_grace = float(config.supervisor.kill_grace)
         self.poll = min(1.0, self.ttl / 5)
+        # how often the Telegram leader speaks on its lock's connection: well within
+        # the idle_session_timeout (one lease) that frees the lock of a silent leader
+        self.lead_check = min(HINT_HEARTBEAT, self.ttl / 3)
         self.renew_every = self.ttl / 5
         # workers are SIGKILLed this long after the fence's SIGTERM, and dead before
         # the last renewed lease can expire (a margin for the reap and for clock rates)
@@ -545,6 +548,7 @@ class Cluster:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
+                    await self._end_when_silent(conn)
                 while True:  # ends when the connection fails (or cancelled at close)
                     if self.sup.draining:  # the drain stopped the pollers: hand over
                         if polling:
@@ -559,7 +563,9 @@ class Cluster:
                         log.info("node %s: polling Telegram for the cluster", self.node)
                         telegram.start()
                         polling = True
-                    await asyncio.sleep(HINT_HEARTBEAT if polling else 1.0)
+                    elif not polling:
+                        telegram.stop_polling()  # shown as standby: another node polls
+                    await asyncio.sleep(self.lead_check if polling else 1.0)
             except (psycopg.Error, OSError, TimeoutError) as e:
                 log.warning("node %s: Telegram leadership lost (%s)", self.node, e)
             finally:
@@ -569,6 +575,19 @@ class Cluster:
                     with contextlib.suppress(Exception):
                         await conn.close()
             await asyncio.sleep(1.0)
+
+    async def _end_when_silent(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Have the server end this connection (and so free its advisory lock) when it
+        stays silent for a lease: a stopped node (SIGSTOP, a frozen VM) keeps its TCP
+        connection alive, and would keep Telegram's polling from every other node."""
+        try:
+            await conn.execute(f"SET idle_session_timeout = '{round(self.ttl * 1000)}ms'")
+        except psycopg.errors.UndefinedObject:  # before PostgreSQL 14
+            log.warning(
+                "node %s: this PostgreSQL has no idle_session_timeout (14 and later do): a "
+                "stopped node keeps Telegram's polling until its connection drops",
+                self.node,
+            )
 
     # ---- hints
 

@@ -25,8 +25,9 @@ from typing import Any
 from corral.protocol.types import ERROR, Origin, Reply
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.store import FAILED, PENDING, Accepted, Inbound, Message, StoredReply
+from corral.supervisor.store_pg_cluster import LeaseLost
 from corral.supervisor.stores import AnyStore
-from corral.supervisor.storethread import StoreBroken, StoreUnavailable
+from corral.supervisor.storethread import StoreBroken, StoreError, StoreUnavailable
 
 log = logging.getLogger("corral.supervisor")
 
@@ -317,13 +318,40 @@ class Inbox:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
+                except LeaseLost:
+                    # another node holds the session now and runs its turn again: none
+                    # of this session's refused writes can be written here any more
+                    self._drop_session(write.message.session)
+                    continue
+                except StoreError as e:  # this write can never be written: the others can
+                    log.error(
+                        "session %s: a refused write of message %s is dropped: %s",
+                        write.message.session,
+                        write.message.id,
+                        e,
+                    )
                 delay = RETRY_FIRST
                 self._unsaved.popleft()
-                self._unsaved_by[write.message.id] -= 1
-                if not self._unsaved_by[write.message.id]:
-                    del self._unsaved_by[write.message.id]
+                self._forget_unsaved(write)
             self._retry.clear()
             log.info("store: every reply and finish it refused is written now")
+
+    def _forget_unsaved(self, write: Unsaved) -> None:
+        self._unsaved_by[write.message.id] -= 1
+        if not self._unsaved_by[write.message.id]:
+            del self._unsaved_by[write.message.id]
+
+    def _drop_session(self, session: str) -> None:
+        dropped = [w for w in self._unsaved if w.message.session == session]
+        for write in dropped:
+            self._unsaved.remove(write)
+            self._forget_unsaved(write)
+        log.warning(
+            "session %s: held by another node now; %d refused write(s) of it dropped "
+            "(that node runs its turn again)",
+            session,
+            len(dropped),
+        )
 
     async def _replay(self, write: Unsaved) -> None:
         message = write.message

@@ -104,10 +104,15 @@ def connect_params(url: str) -> dict[str, Any]:
 
 
 class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOps):
-    def __init__(self, url: str, durable: bool = True) -> None:
+    def __init__(self, url: str, durable: bool = True, lease_ttl: float = 10.0) -> None:
         super().__init__()
         self.url = url
         self.durable = durable
+        # a transaction left open longer than this is ended by the server: a node stopped
+        # (SIGSTOP, a frozen VM) between a fenced write and its commit would otherwise
+        # hold that session's lease row FOR SHARE, and keep every other node from
+        # claiming it, far past the lease
+        self.stall_timeout = max(1.0, lease_ttl / 2)
         self.display_url = redact(url)
         # set by a Cluster: this node's name, and the epoch of each lease it holds,
         # read by the store thread to fence the writes of a session's turns
@@ -168,7 +173,9 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
             conn.execute(f"SET synchronous_commit = {'on' if self.durable else 'off'}")
             conn.execute("SET statement_timeout = '30s'")
             conn.execute("SET lock_timeout = '10s'")
-            conn.execute("SET idle_in_transaction_session_timeout = '60s'")
+            conn.execute(
+                f"SET idle_in_transaction_session_timeout = '{round(self.stall_timeout * 1000)}ms'"
+            )
         except psycopg.Error as e:
             conn.close()
             raise StoreUnavailable(

@@ -22,5 +22,5 @@ def make_store(config: Config, durable: bool = True) -> AnyStore:
     `store.url` and shows no password.
     """
     if config.store.url:
-        return PgStore(config.store.url, durable=durable)
+        return PgStore(config.store.url, durable=durable, lease_ttl=float(config.cluster.lease_ttl))
     return Store(config.state_path / "corral.db", durable=durable)

@@ -9,6 +9,9 @@ import signal
 import threading
 import time
 
+import psycopg
+
+from corral.protocol.types import reply_id
 from tests.harness import wait_for
 from tests.test_cluster import CHAOS, replies_of, start_nodes, workers_of
 
@@ -77,3 +80,48 @@ def test_a_turn_cut_off_by_the_fence_runs_again_on_the_node_that_still_holds_its
     assert [r["text"] for r in replies] == ["x"]
     assert a.metrics()['corral_worker_exits_total{reason="lease_lost"}'] == 1
     assert a.texts("jo", "echo after") == ["after"]
+
+
+def test_a_node_stopped_inside_a_transaction_does_not_keep_its_sessions_past_the_lease(
+    corral, pg_url
+):
+    """A fenced write holds its session's lease row FOR SHARE until its commit; a node
+    stopped between the write and the commit must not keep the session from the others
+    longer than its lease (the database ends the stalled transaction)."""
+    a, b = start_nodes(corral, pg_url, ["a", "b"], CHAOS)
+    status, _ = a.request(
+        "POST", "/v1/messages", {"session": "ivy", "text": "sleep 4; echo x", "id": "ivy-1"}
+    )
+    assert status == 202
+    wait_for(lambda: "ivy" in workers_of(a) or "ivy" in workers_of(b), timeout=30)
+    victim, survivor = (a, b) if "ivy" in workers_of(a) else (b, a)
+    assert victim.proc is not None
+    with psycopg.connect(pg_url) as blocker, psycopg.connect(pg_url, autocommit=True) as watch:
+        # the turn's reply, written first by this transaction: the node's insert of it
+        # waits for this one inside its own transaction, holding the lease row
+        blocker.execute(
+            "INSERT INTO corral.replies (id, message_id, session, idx, text, kind, channel, "
+            "origin, created_at) VALUES (%s, 'ivy-1', 'ivy', 0, 'x', 'text', 'http', '{}', 0)",
+            (reply_id("ivy-1", 0),),
+        )
+        wait_for(
+            lambda: watch.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%%INSERT INTO corral.replies%%' AND pid <> pg_backend_pid()"
+            ).fetchone(),
+            timeout=30,
+        )
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        blocker.rollback()  # the node's insert goes on; its commit never comes
+    stopped_at = time.monotonic()
+    try:
+        wait_for(lambda: "ivy" in workers_of(survivor), timeout=30)
+        took_over = time.monotonic() - stopped_at
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    assert took_over < 20, took_over  # lease_ttl 3 s; the stalled transaction ends sooner
+    replies = wait_for(lambda: replies_of(survivor, "ivy"), timeout=30)
+    assert [r["text"] for r in replies] == ["x"]  # the stopped node's reply never committed
+    wait_for(lambda: "ivy" not in workers_of(victim), timeout=15)
+    assert victim.proc.poll() is None, victim.log()[-3000:]
+    assert victim.texts("ivy2", "echo alive") == ["alive"]  # the node works on

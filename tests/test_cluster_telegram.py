@@ -3,6 +3,8 @@ token); when it dies another takes over, and every update is answered once."""
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 from tests.harness import Corral, wait_for
@@ -32,6 +34,8 @@ def test_one_node_polls_telegram_and_another_takes_over_when_it_dies(
     wait_for(lambda: polling(a) or polling(b), timeout=30)
     leader, other = (a, b) if polling(a) else (b, a)
     assert not polling(other)
+    # the other node says why it does not poll
+    wait_for(lambda: {p["state"] for p in status_json(other)["pollers"]} == {"standby"})
     fake.user_message(TOKEN, PRIVATE, "first")
     (reply,) = fake.wait_sent(TOKEN, 1, timeout=60)
     assert reply["text"] == "first"
@@ -40,3 +44,28 @@ def test_one_node_polls_telegram_and_another_takes_over_when_it_dies(
     sent = fake.wait_sent(TOKEN, 2, timeout=90)
     assert [m["text"] for m in sent] == ["first", "second"]
     assert polling(other)
+
+
+def test_a_stopped_leader_hands_telegram_over_and_stands_down_when_it_wakes(
+    corral: Any,
+    pg_url: str,
+    fake: Any,  # noqa: F811
+) -> None:
+    a, b = (corral({**node_config(pg_url, n), **bot(fake)}, agent=ECHO) for n in ("a", "b"))
+    wait_for(lambda: polling(a) or polling(b), timeout=30)
+    leader, other = (a, b) if polling(a) else (b, a)
+    assert leader.proc is not None
+    os.kill(leader.proc.pid, signal.SIGSTOP)  # alive to the kernel, silent to the database
+    try:
+        fake.user_message(TOKEN, PRIVATE, "while stopped")
+        (reply,) = fake.wait_sent(TOKEN, 1, timeout=60)  # lease_ttl 3 s: well before
+        assert reply["text"] == "while stopped"
+        assert polling(other)
+    finally:
+        os.kill(leader.proc.pid, signal.SIGCONT)
+    wait_for(lambda: not polling(leader), timeout=30)  # it finds its leadership gone
+    fake.user_message(TOKEN, PRIVATE, "after")
+    sent = fake.wait_sent(TOKEN, 2, timeout=60)
+    assert [m["text"] for m in sent] == ["while stopped", "after"]
+    assert polling(other)
+    assert {p["state"] for p in status_json(leader)["pollers"]} == {"standby"}

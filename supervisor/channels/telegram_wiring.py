@@ -70,8 +70,9 @@ class TelegramWiring:
 
     def stop_polling(self) -> None:
         """Fetch nothing more: what Telegram holds now is fetched by the next run."""
-        for name in self.channel.pollers:
+        for name, poller in self.channel.pollers.items():
             self.sup.services.stop(self.service(name))
+            poller.health.state = "standby"  # not "polling": another node may be
 
     def status(self) -> list[PollerHealth]:
         return self.channel.status()
