@@ -27,7 +27,12 @@ from corral.supervisor.metrics import Metrics
 from corral.supervisor.store import FAILED, PENDING, Accepted, Inbound, Message, StoredReply
 from corral.supervisor.store_pg_cluster import LeaseLost
 from corral.supervisor.stores import AnyStore
-from corral.supervisor.storethread import StoreBroken, StoreError, StoreUnavailable
+from corral.supervisor.storethread import (
+    RepliesNotStored,
+    StoreBroken,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("corral.supervisor")
 
@@ -94,7 +99,8 @@ class Inbox:
         # through here (a re-run's earlier replies are only in the store)
         self._replies: dict[str, list[Reply]] = {}
         self._closing: asyncio.Future[None] | None = None
-        self._inflight: dict[str, list[asyncio.Future[Reply | None]]] = {}  # replies submitted
+        # replies submitted and not settled yet, per message
+        self._inflight: dict[str, dict[asyncio.Future[Reply | None], Unsaved]] = {}
         self._unsaved: deque[Unsaved] = deque()  # refused writes, in the order made
         self._unsaved_by: Counter[str] = Counter()  # message id -> refused writes of it
         self._retry = asyncio.Event()  # something to replay
@@ -222,16 +228,15 @@ class Inbox:
     def reply(self, message: Message, index: int, text: str, kind: str, markup: str = "") -> None:
         """Submit a reply to the origin of `message`, and nowhere else. Not awaited: it is
         announced once committed, and the turn's finish, submitted later, commits no
-        earlier."""
+        earlier (and not at all without it)."""
         if self._unsaved_by[message.id]:  # after its earlier refused writes, in order
             self._keep(Unsaved(message, index, text, kind, markup=markup))
             return
         push = message.origin.channel in self.push_channels
         fut = self.store.add_reply(message, index, text, kind, push=push, markup=markup)
-        self._inflight.setdefault(message.id, []).append(fut)
-        fut.add_done_callback(
-            partial(self._stored, Unsaved(message, index, text, kind, markup=markup))
-        )
+        write = Unsaved(message, index, text, kind, markup=markup)
+        self._inflight.setdefault(message.id, {})[fut] = write
+        fut.add_done_callback(partial(self._stored, write))
 
     async def fail(self, message: Message, index: int, text: str) -> None:
         """Answer `message` with an error reply and close it."""
@@ -244,19 +249,40 @@ class Inbox:
         for that, so the session moves on."""
         self._stopped(message)
         self._counted.discard(message.id)  # answered without running (a quarantine)
-        if inflight := self._inflight.pop(message.id, None):
-            await asyncio.wait(inflight)  # their outcome is known (and handled) after this
+        # Submitted right behind its replies, not after their commit: the finish checks,
+        # in its own transaction, that they are stored, so a reply and the turn's end
+        # share one commit, and a refused reply is never followed by a stored finish.
+        # Their outcome is handled (a refused one kept) before this await returns: the
+        # store settles futures in submission order.
+        inflight = self._inflight.pop(message.id, {})
+        expected = [(w.index or 0, w.kind, w.text) for w in inflight.values()]
         if not self._unsaved_by[message.id]:
             try:
-                await self.store.finish(message.id, state)
+                await self.store.finish(message.id, state, expected)
             except StoreUnavailable:
                 pass
+            except RepliesNotStored:
+                if not self._unsaved_by[message.id]:
+                    # not refused by the disk but failed otherwise (logged): as before
+                    # the check, the turn still ends
+                    return await self.finish_unchecked(message, state)
             except StoreBroken as e:  # the supervisor is stopping; nothing survives now
                 log.error("session %s: message %s not finished: %s", message.session, message.id, e)
                 return
             else:
                 return self._finished(message)
         self._keep(Unsaved(message, state=state))
+
+    async def finish_unchecked(self, message: Message, state: str) -> None:
+        """Finish `message` whatever became of its replies (they failed and were logged)."""
+        try:
+            await self.store.finish(message.id, state)
+        except StoreUnavailable:
+            self._keep(Unsaved(message, state=state))
+        except StoreBroken as e:
+            log.error("session %s: message %s not finished: %s", message.session, message.id, e)
+        else:
+            self._finished(message)
 
     def _finished(self, message: Message) -> None:
         self.metrics.inbox_depth.dec()
@@ -273,7 +299,7 @@ class Inbox:
     def _stored(self, write: Unsaved, fut: asyncio.Future[Reply | None]) -> None:
         message = write.message
         if (inflight := self._inflight.get(message.id)) is not None:
-            inflight.remove(fut)
+            inflight.pop(fut, None)
             if not inflight:
                 del self._inflight[message.id]
         if fut.cancelled():

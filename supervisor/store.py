@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from corral.protocol.types import ERROR, Origin
+from corral.protocol.types import ERROR, Origin, reply_id
 from corral.supervisor.store_delivery import DeliveryOps
 from corral.supervisor.store_rows import (
     DEAD,
@@ -41,6 +41,8 @@ from corral.supervisor.store_rows import (
     _origin_encode,
 )
 from corral.supervisor.storethread import (
+    ExpectedReply,
+    RepliesNotStored,
     Result,
     StoreBroken,
     StoreClosed,
@@ -334,12 +336,36 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
 
         await self._submit(op)
 
-    async def finish(self, message_id: str, state: str) -> None:
+    async def finish(
+        self, message_id: str, state: str, replies: Sequence[ExpectedReply] = ()
+    ) -> None:
+        """The message's turn ended with `state`. `replies`: those submitted before this
+        finish, not known to be stored yet; unless every one is stored when the finish
+        runs (committed earlier, or in the same transaction), it raises RepliesNotStored
+        and stores nothing, so a turn's replies and its end can commit together."""
+        plain = [reply_id(message_id, i) for i, kind, _ in replies if kind != ERROR]
+        errors = [text for _, kind, text in replies if kind == ERROR]
+
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
-                (state, time.time(), message_id),
-            )
+            if not plain:
+                conn.execute(
+                    "UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
+                    (state, time.time(), message_id),
+                )
+            else:  # one statement: the finish and the count of its replies stored
+                row = conn.execute(
+                    "UPDATE messages SET state = ?, finished_at = ? WHERE id = ? RETURNING "
+                    f"(SELECT count(*) FROM replies WHERE id IN ({','.join('?' * len(plain))}))",
+                    (state, time.time(), message_id, *plain),
+                ).fetchone()
+                if row is not None and row[0] != len(plain):
+                    raise RepliesNotStored(f"message {message_id}: a reply is not stored")
+            for text in errors:
+                if not conn.execute(
+                    "SELECT 1 FROM replies WHERE message_id = ? AND kind = ? AND text = ?",
+                    (message_id, ERROR, text),
+                ).fetchone():
+                    raise RepliesNotStored(f"message {message_id}: its error is not stored")
 
         await self._submit(op)
 

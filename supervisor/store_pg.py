@@ -37,7 +37,7 @@ from typing import Any, Final, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from corral.protocol.types import Origin
+from corral.protocol.types import ERROR, Origin, reply_id
 from corral.supervisor.pg_schema import (
     LATEST,
     MIGRATIONS,
@@ -72,7 +72,7 @@ from corral.supervisor.store_rows import (
     _message,
     _origin_encode,
 )
-from corral.supervisor.storethread import Result, StoreThread
+from corral.supervisor.storethread import ExpectedReply, RepliesNotStored, Result, StoreThread
 
 log = logging.getLogger("corral.store")
 T = TypeVar("T")
@@ -321,14 +321,22 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
 
         await self._submit(op)
 
-    async def finish(self, message_id: str, state: str) -> None:
+    async def finish(
+        self, message_id: str, state: str, replies: Sequence[ExpectedReply] = ()
+    ) -> None:
+        """The message's turn ended with `state`; `replies` as for Store.finish: unless all
+        are stored, RepliesNotStored and nothing stored (the savepoint takes it back)."""
+        plain = [reply_id(message_id, i) for i, kind, _ in replies if kind != ERROR]
+        errors = [text.encode() for _, kind, text in replies if kind == ERROR]
+
         def op(conn: psycopg.Connection[Any]) -> None:
-            # one statement: the state, the lease to check and the hint (which a fenced
-            # finish's savepoint takes back with the rest)
+            # one statement: the state, the lease to check, the hint (which a fenced
+            # finish's savepoint takes back with the rest) and the count of its replies
             row = conn.execute(
                 f"WITH {LEASE_OF_MESSAGE} UPDATE corral.messages SET state = %s, "
                 "finished_at = %s WHERE id = %s "
-                "RETURNING session, (SELECT epoch FROM f), pg_notify(%s, %s)",
+                "RETURNING session, (SELECT epoch FROM f), pg_notify(%s, %s), "
+                "(SELECT count(*) FROM corral.replies WHERE id = ANY(%s))",
                 (
                     message_id,
                     self.node or "",
@@ -337,10 +345,21 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
                     message_id,
                     NOTIFY_CHANNEL,
                     f"{DONE_HINT} {message_id}",
+                    plain,
                 ),
             ).fetchone()
-            if row is not None:
-                self._check_epoch(row[0], row[1])
+            if row is None:
+                return
+            self._check_epoch(row[0], row[1])
+            if row[3] != len(plain):
+                raise RepliesNotStored(f"message {message_id}: a reply is not stored")
+            for text in errors:
+                if not conn.execute(
+                    "SELECT 1 FROM corral.replies WHERE message_id = %s AND kind = %s "
+                    "AND text = %s",
+                    (message_id, ERROR, text),
+                ).fetchone():
+                    raise RepliesNotStored(f"message {message_id}: its error is not stored")
 
         await self._submit(op)
 

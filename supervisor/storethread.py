@@ -43,6 +43,17 @@ class StoreBroken(StoreError):
     from now on would survive, so the supervisor stops (and systemd restarts it)."""
 
 
+class RepliesNotStored(StoreError):
+    """A finish found replies of its turn, submitted before it, not stored (refused by a
+    full disk, or failed): the finish is not stored either, so a turn's end is never
+    committed without the replies it followed."""
+
+
+# A reply a finish checks for: (index, kind, text). A reply of kind error may be stored
+# at another index (after an earlier run's replies): it is looked for by its text.
+ExpectedReply = tuple[int, str, str]
+
+
 _STOP = object()
 
 

@@ -31,6 +31,7 @@ from corral.supervisor.store import (
     StoreClosed,
 )
 from corral.supervisor.stores import AnyStore, make_store
+from corral.supervisor.storethread import RepliesNotStored
 from tests.harness import REPO
 
 HTTP = Origin(channel="http")
@@ -231,6 +232,33 @@ def test_pending_keeps_accept_order_and_an_ended_turn_leaves_it(backend: Backend
         again = await opened(backend.new())
         assert [m.id for m in await again.pending()] == ["o0", "o2", "o3", "o5"]
         await again.close()
+
+    backend.run(body)
+
+
+def test_a_finish_whose_replies_are_not_stored_stores_nothing(backend: Backend) -> None:
+    """A finish names the replies submitted before it; it commits only with all of them
+    stored, so a reply refused (by a full disk) is never followed by a stored end."""
+
+    async def body() -> None:
+        store = await opened(backend.new())
+        m = (await store.accept("s", "q", HTTP, "fr-1")).message
+        with pytest.raises(RepliesNotStored):
+            await store.finish(m.id, DONE, [(0, "reply", "a")])
+        with pytest.raises(RepliesNotStored):
+            await store.finish(m.id, FAILED, [(0, ERROR, "boom")])
+        assert [p.id for p in await store.pending()] == ["fr-1"]  # not finished
+        # the reply and the finish queued together: one transaction, and it holds
+        reply = store.add_reply(m, 0, "a", "reply")
+        await asyncio.gather(reply, store.finish(m.id, DONE, [(0, "reply", "a")]))
+        assert await store.pending() == []
+        # an error moved past an earlier run's replies is found by its text
+        n = (await store.accept("s", "q2", HTTP, "fr-2")).message
+        assert await store.add_reply(n, 0, "part", "reply") is not None
+        moved = store.add_reply(n, 0, "interrupted", ERROR)
+        await asyncio.gather(moved, store.finish(n.id, FAILED, [(0, ERROR, "interrupted")]))
+        assert await store.pending() == []
+        await store.close()
 
     backend.run(body)
 
