@@ -187,14 +187,21 @@ class Inbox:
             out.append(m)
         return out
 
+    def counted_start(self, message: Message) -> int | None:
+        """The message's first start if it was counted, and committed, with its accept
+        (then used up: the attempt); else None, and `start_attempt` counts it."""
+        if message.id not in self._counted:
+            return None
+        self._counted.discard(message.id)
+        for listener in self.on_start:
+            listener(message)
+        return message.attempts
+
     async def start_attempt(self, message: Message) -> int:
         """Count a start of the message's turn. While the store cannot write this waits for
         it (the message must not run uncounted); at drain it raises StoreUnavailable."""
-        if message.id in self._counted:
-            self._counted.discard(message.id)  # counted, and committed, with the accept
-            for listener in self.on_start:
-                listener(message)
-            return message.attempts
+        if (attempt := self.counted_start(message)) is not None:
+            return attempt
         delay = RETRY_FIRST
         while True:  # ends when the store takes the write, or when the supervisor stops
             try:

@@ -112,8 +112,13 @@ class Turns:
         self.on_ended = on_ended  # the session can move on
 
     def start(self, s: Session, w: Worker, message: Message) -> None:
-        """Run `message` on the idle worker `w`: busy now, the turn begins in a task."""
+        """Run `message` on the idle worker `w`: busy now, the turn begins in a task (at
+        once, without one, when its start was committed with its accept)."""
         w.state = SessionState.BUSY
+        if w.exit is None and not w.dead.is_set():
+            attempt = self.inbox.counted_start(message)
+            if attempt is not None:
+                return self._send(s, w, message, attempt)
         self.tasks.start(self._begin(s, w, message), f"turn {message.id}")
 
     async def _begin(self, s: Session, w: Worker, message: Message) -> None:
@@ -137,6 +142,10 @@ class Turns:
             self._idle(w)
             self.on_ended(s)
             return
+        self._send(s, w, message, attempt)
+
+    def _send(self, s: Session, w: Worker, message: Message, attempt: int) -> None:
+        """The turn begins: its frame goes to the worker, its deadlines are armed."""
         now = asyncio.get_running_loop().time()
         w.idle_output = 0
         w.turn = ActiveTurn(
