@@ -160,4 +160,6 @@ def warm_up(options: dict[str, Any]) -> None:
         key = agent.api_key(configured)
     except TurnError:
         return  # each turn will say what is wrong with the options
-    agent.client_for(configured, key).chat.completions  # noqa: B018 - built on first use
+    client = agent.client_for(configured, key)
+    client.chat.completions  # noqa: B018 - built on first use
+    agent.chat_request(client)  # the request a streamed turn copies
