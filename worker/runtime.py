@@ -73,6 +73,11 @@ def warm_up(entrypoint: str, options: dict[str, Any]) -> None:
         hook(options)
 
 
+# built at import, in the zygote: building a decoder evaluates the frames' annotations
+# (code compiled and run), which every worker would otherwise do, and keep, itself
+_SUPERVISOR_FRAMES = frames.decoder_for_supervisor_frames()
+
+
 class Connection:
     """The worker's end of its frame socket; writes are serialised across threads."""
 
@@ -80,7 +85,7 @@ class Connection:
         self.sock = sock
         self.max_frame = max_frame
         self._lock = threading.Lock()
-        self._decoder = frames.decoder_for_supervisor_frames()
+        self._decoder = _SUPERVISOR_FRAMES
 
     def send(self, frame: msgspec.Struct) -> None:
         data = frames.encode(frame)
