@@ -73,6 +73,14 @@ def warm_up(entrypoint: str, options: dict[str, Any]) -> None:
         hook(options)
 
 
+def prepare_fork() -> None:
+    """What every worker would do the same way on its start, done once by the zygote
+    before it forks, so that workers share it instead of each copying the pages it
+    touches: the root logger's level (setting it visits every logger of the process)."""
+    logging.getLogger().setLevel(logging.INFO)
+
+
+_MESSAGE_ONLY = logging.Formatter("%(message)s")  # the workers' log handler's format
 # built at import, in the zygote: building a decoder evaluates the frames' annotations
 # (code compiled and run), which every worker would otherwise do, and keep, itself
 _SUPERVISOR_FRAMES = frames.decoder_for_supervisor_frames()
@@ -251,10 +259,11 @@ class Runtime:
             frames.Hello(version=frames.PROTOCOL_VERSION, pid=os.getpid(), session=self.session)
         )
         handler = FrameLogHandler(self.conn)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_MESSAGE_ONLY)
         root = logging.getLogger()
         root.handlers[:] = [handler]
-        root.setLevel(logging.INFO)
+        if root.level != logging.INFO:  # else set by prepare_fork: setLevel visits every logger
+            root.setLevel(logging.INFO)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         transcript = Transcript(
             Path(self.settings.state_dir) / "sessions" / f"{self.session}.jsonl"
