@@ -81,13 +81,17 @@ async def _turns(base: str, start: int, stop: int) -> list[str]:
     return failed
 
 
-async def measure(bench: Bench, name: str, endpoint: str) -> dict[str, Any]:
+async def measure(
+    bench: Bench, name: str, endpoint: str, env: dict[str, str] | None = None, tag: str = ""
+) -> dict[str, Any]:
     workers = bench.plan.memory_workers
     more = 4 * workers
     config: dict[str, dict[str, Any]] = {"supervisor": {"idle_timeout": "1h"}}
     if name == "openai":
         config["agent.options"] = {"model": "fake", "base_url": endpoint}
-    server = CorralServer(bench.tmp, f"memory-{name}", agent=AGENTS[name], config=config)
+    server = CorralServer(
+        bench.tmp, f"memory-{name}{tag}", agent=AGENTS[name], config=config, env=env
+    )
     try:
         await server.start()
         failed = await _turns(server.base, 0, workers)
