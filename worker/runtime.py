@@ -294,7 +294,8 @@ class Runtime:
         error = None
         try:
             result = self.agent(turn, ctx)
-            if inspect.isawaitable(result):
+            # a sync agent returns None: isawaitable(None) would run the ABC machinery
+            if result is not None and inspect.isawaitable(result):
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 self._loop.run_until_complete(result)

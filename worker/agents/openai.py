@@ -808,12 +808,28 @@ def warm_up(options: dict[str, Any]) -> None:
     openai_warm.warm_up(options)
 
 
+_configured: tuple[dict[str, Any], Options, str] | None = None
+
+
+def configured(raw: dict[str, Any]) -> tuple[Options, str]:
+    """The options and the API key (load_options, api_key), kept with a copy of the
+    options table they came from: a worker's turns all get the table the zygote's
+    warm-up got, so they are made once, there. A TurnError (bad options, a key not set)
+    is not kept."""
+    global _configured
+    if _configured is not None and _configured[0] == raw:
+        return _configured[1], _configured[2]
+    options = load_options(raw)
+    key = api_key(options)
+    _configured = (dict(raw), options, key)
+    return options, key
+
+
 def agent(turn: Turn, ctx: Context) -> None:
     """Answer one turn with the configured OpenAI-compatible endpoint."""
     if openai is None:
         raise TurnError(install_hint())
-    options = load_options(ctx.options)
-    key = api_key(options)
+    options, key = configured(ctx.options)
     redact = Redactor(key)
     started = time.monotonic()
     try:

@@ -156,8 +156,7 @@ def warm_up(options: dict[str, Any]) -> None:
     except Exception as e:  # only memory is lost: say so, and build the client anyway
         logging.getLogger("corral.agent").warning("openai warm-up: rehearsal failed: %s", e)
     try:
-        configured = agent.load_options(options)
-        key = agent.api_key(configured)
+        configured, key = agent.configured(options)
     except TurnError:
         return  # each turn will say what is wrong with the options
     client = agent.client_for(configured, key)
