@@ -445,70 +445,83 @@ def request_args(
     return args
 
 
-_chat_requests: dict[int, Any] = {}  # id(client) -> the SDK's request, built once
+# id(client) -> (client, the SDK's request), built once; the client is kept with it so
+# that its id is not reused by another client
+_chat_requests: dict[int, tuple[Any, Any]] = {}
 
 
 def chat_request(client: Any) -> Any:
     """The request the SDK itself builds for POST /chat/completions on `client` (URL, the
-    API key's and the SDK's headers, timeouts), made once per client; a streamed turn
-    sends a copy with its own body. None if this SDK builds requests some other way:
-    the turn then goes through `chat.completions.create`."""
-    ident = id(client)
-    if ident not in _chat_requests:
+    API key's and the SDK's headers, timeouts), made once per client; a turn sends a
+    copy with its own body. None if this SDK builds requests some other way: the turn
+    then goes through `chat.completions.create`."""
+    cached = _chat_requests.get(id(client))
+    if cached is None or cached[0] is not client:
         try:
             from openai._models import FinalRequestOptions
 
             options = FinalRequestOptions.construct(
                 method="post", url="/chat/completions", json_data={}
             )
-            _chat_requests[ident] = client._build_request(client._prepare_options(options))
+            template = client._build_request(client._prepare_options(options))
         except (ImportError, AttributeError, TypeError):
-            _chat_requests[ident] = None
-    return _chat_requests[ident]
+            template = None
+        cached = _chat_requests[id(client)] = (client, template)
+    return cached[1]
 
 
-def streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
-    """Read a streamed answer; every chunk is progress.
-
-    Sent through the SDK's own HTTP client, with the request the SDK built (chat_request),
-    its errors (APIStatusError and its subclasses from the SDK's own mapping of the
-    response, APITimeoutError, APIConnectionError, APIError for an error event in the
-    stream) and no retries of its own, as `chat.completions.create(stream=True)` would;
-    but the events are parsed here, with msgspec. The SDK's request machinery and its
-    pydantic models run a thousand Python functions a request, and in a forked worker
-    every one of them copies the pages it touches (its refcounts): this path costs each
-    worker about 2 MiB less (bench/memory.py)."""
-    template = chat_request(client)
-    if template is None:
-        return sdk_streamed_answer(client, args, ctx)
-    acc = _Accumulator(ctx)
+def send_chat(client: Any, template: Any, body: dict[str, Any]) -> tuple[Any, Any]:
+    """POST `body` as the SDK's `template` request (chat_request) through the SDK's own
+    HTTP client; the request and its response, open, to be read and closed. Failures
+    raise what `chat.completions.create` raises: APITimeoutError, APIConnectionError,
+    and for an error status the SDK's own APIStatusError subclass, made from the
+    response by the SDK itself (the endpoint's message in its body)."""
     headers = [(k, v) for k, v in template.headers.multi_items() if k.lower() != "content-length"]
     request = httpx.Request(
         "POST",
         template.url,
         headers=headers,
-        content=msgspec.json.encode({**args, "stream": True}),
+        content=msgspec.json.encode(body),
         extensions=template.extensions,
     )
     try:
         response = client._client.send(request, stream=True)
+        if response.status_code >= 400:
+            try:
+                response.read()
+            finally:
+                response.close()
+            raise client._make_status_error_from_response(response) from None
     except httpx.TimeoutException as e:
         raise openai.APITimeoutError(request=request) from e
     except (httpx.RequestError, ssl.SSLError) as e:
         raise openai.APIConnectionError(request=request) from e
+    return request, response
+
+
+def streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
+    """Read a streamed answer; every chunk is progress.
+
+    Sent by send_chat, as `chat.completions.create(stream=True)` would send it, with its
+    errors (and APIError for an error event in the stream, as the SDK reads it) and no
+    retries of its own; but the events are parsed here, with msgspec. The SDK's request
+    machinery and its pydantic models run hundreds of Python functions a request, and
+    in a forked worker each of them copies the pages it touches (reference counts):
+    this path costs each worker about 2 MiB less (bench/memory.py)."""
+    template = chat_request(client)
+    if template is None:
+        return sdk_streamed_answer(client, args, ctx)
+    acc = _Accumulator(ctx)
+    request, response = send_chat(client, template, {**args, "stream": True})
     try:
-        if response.status_code >= 400:
-            response.read()
-            raise client._make_status_error_from_response(response) from None
-        try:
-            for event in sse_data(response.iter_bytes()):
-                if event.startswith(b"[DONE]"):
-                    break
-                acc.add(msgspec.json.decode(event), request)
-        except httpx.TimeoutException as e:
-            raise openai.APITimeoutError(request=request) from e
-        except (httpx.RequestError, ssl.SSLError) as e:
-            raise openai.APIConnectionError(request=request) from e
+        for event in sse_data(response.iter_bytes()):
+            if event.startswith(b"[DONE]"):
+                break
+            acc.add(msgspec.json.decode(event), request)
+    except httpx.TimeoutException as e:
+        raise openai.APITimeoutError(request=request) from e
+    except (httpx.RequestError, ssl.SSLError) as e:
+        raise openai.APIConnectionError(request=request) from e
     finally:
         response.close()
     return acc.answer()
@@ -599,6 +612,43 @@ def sdk_streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answ
 
 
 def whole_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
+    """Read a whole answer, sent by send_chat as `chat.completions.create()` would."""
+    template = chat_request(client)
+    if template is None:
+        return sdk_whole_answer(client, args, ctx)
+    request, response = send_chat(client, template, args)
+    try:
+        body = response.read()
+    except httpx.TimeoutException as e:
+        raise openai.APITimeoutError(request=request) from e
+    except (httpx.RequestError, ssl.SSLError) as e:
+        raise openai.APIConnectionError(request=request) from e
+    finally:
+        response.close()
+    ctx.progress("model answered")
+    data = msgspec.json.decode(body)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise TurnError("the model endpoint answered without any choices")
+    choice = choices[0]
+    message = choice.get("message")
+    message = message if isinstance(message, dict) else {}
+    calls = []
+    for n, tc in enumerate(message.get("tool_calls") or ()):
+        if not isinstance(tc, dict):
+            continue
+        call_id = str(tc.get("id") or f"call_{n}")
+        function = tc.get("function")
+        if not isinstance(function, dict):  # a non-function ("custom") tool call: we offer none
+            calls.append(ToolCall(call_id, str(tc.get("type") or "?"), ""))
+        else:
+            name, arguments = function.get("name"), function.get("arguments")
+            calls.append(ToolCall(call_id, str(name or ""), str(arguments or "")))
+    return Answer(str(message.get("content") or ""), calls, choice.get("finish_reason"))
+
+
+def sdk_whole_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
+    """A whole answer read through `chat.completions.create()`."""
     response = client.chat.completions.create(**args)
     ctx.progress("model answered")
     if not response.choices:

@@ -143,6 +143,7 @@ def rehearse() -> None:
                 agent.streamed_answer(client, args, quiet)
                 agent.whole_answer(client, args, quiet)
         finally:
+            agent._chat_requests.pop(id(client), None)
             client.close()
 
 
