@@ -1,4 +1,5 @@
-"""python -m bench.memory_ab REV [--rounds N]: the memory benchmark, REV vs this tree.
+"""python -m bench.memory_ab REV [REV2] [--rounds N]: the memory benchmark, REV vs this
+tree (or vs commit REV2).
 
 Worker memory after one turn is a property of the code, but the machine is shared:
 this runs bench/memory.py's measurement for commit REV (exported as bench/ab.py does,
@@ -36,17 +37,19 @@ def _line(r: dict[str, Any]) -> str:
     )
 
 
-async def run(rev: str, rounds: int, tmp: Path) -> None:
+async def run(rev: str, rev2: str, rounds: int, tmp: Path) -> None:
     from tests.fake_openai import FakeOpenAI
 
-    path = export(rev, tmp / "rev")
+    paths = {rev: export(rev, tmp / "rev")}
+    if rev2 != "tree":
+        paths[rev2] = export(rev2, tmp / "rev2")
     bench = Bench(Plan(quick=False), tmp, time.monotonic())
     got: dict[tuple[str, str], list[dict[str, Any]]] = {}
     fake = FakeOpenAI().start()
     try:
         for n in range(rounds):
-            for who in [rev, "tree"] if n % 2 == 0 else ["tree", rev]:
-                env = {"PYTHONPATH": str(path)} if who == rev else {}
+            for who in [rev, rev2] if n % 2 == 0 else [rev2, rev]:
+                env = {"PYTHONPATH": str(paths[who])} if who in paths else {}
                 for name in AGENTS:
                     r = await measure(bench, name, fake.base_url, env=env, tag=f"-{who}-{n}")
                     got.setdefault((who, name), []).append(r)
@@ -73,12 +76,15 @@ async def run(rev: str, rounds: int, tmp: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_ab")
     parser.add_argument("rev", help="the commit to compare with, e.g. HEAD~3")
+    parser.add_argument(
+        "rev2", nargs="?", default="tree", help="another commit (default: the tree)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="corral-memory-ab-") as tmp:
         try:
-            asyncio.run(run(args.rev, args.rounds, Path(tmp)))
+            asyncio.run(run(args.rev, args.rev2, args.rounds, Path(tmp)))
         finally:
             stop_all()
     print(f"{time.monotonic() - started:.0f} s", file=sys.stderr)
