@@ -12,7 +12,9 @@ copy-on-write by every worker (measured by `python -m bench --only memory`).
    against a rehearsal endpoint: a loopback server on 127.0.0.1 with canned answers,
    on a thread of its own that ends with the rehearsal. Nothing is sent anywhere
    else; the rehearsal's client and its connection are closed;
-3. builds the client a turn will use, for the configured endpoint (openai.client_for).
+3. builds the client a turn will use, for the configured endpoint (openai.client_for),
+   the request the SDK builds on it, which every turn copies (openai.chat_request), and
+   the options and key every turn uses (openai.configured).
 
 Nothing that must not cross a fork is left: the configured client has no connection
 yet (its pool opens them in the worker, on the first turn) and its pool's lock is not
