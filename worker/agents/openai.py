@@ -532,11 +532,17 @@ def sse_data(chunks: Iterable[bytes]) -> Iterable[bytes]:
     an event's data lines are joined with LF; events without data are skipped)."""
     buf = b""
     data: list[bytes] = []
+    after_cr = False  # the last line ended in CR: an LF starting the next chunk is its end
     for chunk in chunks:
+        if after_cr and chunk:
+            after_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
         buf += chunk
         lines = buf.splitlines(keepends=True)
-        # the last line may be incomplete; a CR at the end may be half of a CRLF
-        buf = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        buf = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        if lines and lines[-1].endswith(b"\r"):
+            after_cr = True
         for line in lines:
             line = line.rstrip(b"\r\n")
             if line:
