@@ -397,6 +397,20 @@ def memory(r: dict[str, Any]) -> list[str]:
                 f"{m['zygote_rss_mib']:.2f} MiB",
             ]
         )
+    more = [["agent", "workers", "USS median", "PSS median", "marginal (sum of PSS) per worker"]]
+    for name in ("echo", "openai"):
+        m = r.get(name, {}).get("more", {})
+        if m.get("sampled"):
+            marginal = m.get("marginal_pss_mib")
+            more.append(
+                [
+                    name,
+                    str(m["workers"]),
+                    f"{m['uss_median_mib']:.2f} MiB",
+                    f"{m['pss_median_mib']:.2f} MiB",
+                    "-" if marginal is None else f"{marginal:.2f} MiB",
+                ]
+            )
     pss = r.get("openai", {}).get("pss_median_mib")
     goal = r["goal_openai_pss_mib"]
     met = None if pss is None else pss <= goal
@@ -404,6 +418,11 @@ def memory(r: dict[str, Any]) -> list[str]:
         "10. Memory: one idle worker after one turn (openai: streamed, from a local fake endpoint)",
         *_table(rows),
         f"   goal: openai worker PSS <= {goal:g} MiB: {_verdict(met)}",
+        *(
+            ["   beside it, more workers on the same server:", *_table(more)]
+            if len(more) > 1
+            else []
+        ),
     ]
 
 

@@ -296,6 +296,21 @@ def test_tool_schema_comes_from_type_hints_and_docstring():
     assert tool.nullable == {"note"}
 
 
+def test_server_sent_events_are_read_whatever_the_chunks_and_line_endings():
+    stream = (
+        b': a comment\r\n\r\ndata: {"a":1}\r\n\r\n'  # CRLF; a comment alone is no event
+        b'data: {"b":\n'  # an event's data lines are joined with LF
+        b"data: 2}\n\nretry: 5\n\n"  # a retry field alone is no event
+        b"data:[DONE]\r\r"  # CR alone; no space after the colon
+    )
+    whole = list(openai_agent.sse_data([stream]))
+    assert whole == [b'{"a":1}', b'{"b":\n2}', b"[DONE]"]
+    # the same bytes cut anywhere, a CRLF split between two chunks included
+    for cut in range(1, len(stream)):
+        assert list(openai_agent.sse_data([stream[:cut], stream[cut:]])) == whole, cut
+    assert list(openai_agent.sse_data(bytes([c]) for c in stream)) == whole
+
+
 def test_a_tool_with_an_unsupported_parameter_type_is_a_clear_error():
     def bad(when: complex) -> str:
         """Nope."""

@@ -122,18 +122,22 @@ def _escape_filter() -> bytes:
     return bytes(code)
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+# Built once, at import (in the zygote): every worker installs the same program, and
+# building it (a ctypes class, a dlopen, a few hundred small objects) in each worker
+# would copy the pages it touches into each one.
+_FILTER = ctypes.create_string_buffer(_escape_filter())
+_FPROG = _SockFprog((len(_FILTER) - 1) // 8, ctypes.cast(_FILTER, ctypes.c_void_p))
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def forbid_escapes() -> None:
     """Install the seccomp filter of `_escape_filter` for this process and everything
     it forks (a filter cannot be removed; no_new_privs must be set first)."""
-    code = _escape_filter()
-    buf = ctypes.create_string_buffer(code, len(code))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = SockFprog(len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    if _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_FPROG), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp: {os.strerror(err)}")
 

@@ -73,6 +73,21 @@ def warm_up(entrypoint: str, options: dict[str, Any]) -> None:
         hook(options)
 
 
+def prepare_fork() -> None:
+    """What every worker would do the same way on its start, done once by the zygote
+    before it forks, so that workers share it instead of each copying the pages it
+    touches: the root logger's level (setting it visits every logger of the process)."""
+    logging.getLogger().setLevel(logging.INFO)
+
+
+# made at import, in the zygote, like the other module-level objects below: a worker
+# that made them itself would run (and copy the pages of) all the code that does
+_MESSAGE_ONLY = logging.Formatter("%(message)s")  # the workers' log handler's format
+_AGENT_LOG = logging.getLogger("corral.agent")  # Context.log
+# building a decoder evaluates the frames' annotations (code compiled and run)
+_SUPERVISOR_FRAMES = frames.decoder_for_supervisor_frames()
+
+
 class Connection:
     """The worker's end of its frame socket; writes are serialised across threads."""
 
@@ -80,7 +95,7 @@ class Connection:
         self.sock = sock
         self.max_frame = max_frame
         self._lock = threading.Lock()
-        self._decoder = frames.decoder_for_supervisor_frames()
+        self._decoder = _SUPERVISOR_FRAMES
 
     def send(self, frame: msgspec.Struct) -> None:
         data = frames.encode(frame)
@@ -102,10 +117,12 @@ class Fence:
     each later one moves the deadline on."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond: threading.Condition | None = None  # made by the first Fence frame
         self._until: float | None = None
 
     def extend(self, until: float) -> None:
+        if self._cond is None:  # only the reader thread calls extend
+            self._cond = threading.Condition()
         with self._cond:
             first = self._until is None
             self._until = until if first else max(until, self._until or until)
@@ -114,6 +131,7 @@ class Fence:
             threading.Thread(target=self._watch, name="corral-fence", daemon=True).start()
 
     def _watch(self) -> None:
+        assert self._cond is not None  # started by extend
         with self._cond:
             while True:  # ends when the deadline passes without a later one
                 assert self._until is not None
@@ -161,7 +179,7 @@ class Context:
         self.options = options
         self.state_dir = state_dir
         self.session = turn.session
-        self.log = logging.getLogger("corral.agent")
+        self.log = _AGENT_LOG
 
     def reply(self, text: str, markup: str = "") -> None:
         """Send one reply to the user; also resets the no-progress deadline. `markup`:
@@ -211,7 +229,8 @@ class Runtime:
         self.settings = settings
         self.agent = agent
         self.plan = plan  # the sandbox to enter before the first turn (None: none)
-        self.state_dir = Path(settings.state_dir) / "agents" / session
+        # os.path, and one Path for the agent: pathlib runs a dozen functions per `/`
+        self.state_dir = Path(os.path.join(settings.state_dir, "agents", session))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.fence = Fence()
         self._frames: queue.SimpleQueue[frames.SupervisorFrame | None] = queue.SimpleQueue()
@@ -246,11 +265,12 @@ class Runtime:
             frames.Hello(version=frames.PROTOCOL_VERSION, pid=os.getpid(), session=self.session)
         )
         handler = FrameLogHandler(self.conn)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_MESSAGE_ONLY)
         root = logging.getLogger()
         root.handlers[:] = [handler]
-        root.setLevel(logging.INFO)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if root.level != logging.INFO:  # else set by prepare_fork: setLevel visits every logger
+            root.setLevel(logging.INFO)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         transcript = Transcript(
             Path(self.settings.state_dir) / "sessions" / f"{self.session}.jsonl"
         )
@@ -274,7 +294,8 @@ class Runtime:
         error = None
         try:
             result = self.agent(turn, ctx)
-            if inspect.isawaitable(result):
+            # a sync agent returns None: isawaitable(None) would run the ABC machinery
+            if result is not None and inspect.isawaitable(result):
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 self._loop.run_until_complete(result)

@@ -32,7 +32,7 @@ from corral.protocol.types import InvalidSessionKey, check_session_key
 from corral.worker import sandbox
 from corral.worker.agentcheck import check_agent
 from corral.worker.confine import confine, die_with_parent
-from corral.worker.runtime import Agent, AgentLoadError, Runtime, warm_up
+from corral.worker.runtime import Agent, AgentLoadError, Runtime, prepare_fork, warm_up
 
 # seconds between sweeps for strays while workers live: reading our one children file
 # costs microseconds, and a stray lives at most this long
@@ -95,6 +95,7 @@ class Zygote:
         except OSError as e:
             self.send(spawn.SpawnFailed(seq=0, error=f"sandbox: {e}"))
             return
+        prepare_fork()
         gc.freeze()  # keep preloaded objects out of the collector, so forks share their pages
         self.send(spawn.Ready(pid=os.getpid(), sandbox=self.sandbox.level()))
 

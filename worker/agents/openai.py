@@ -445,42 +445,216 @@ def request_args(
     return args
 
 
+# id(client) -> (client, the SDK's request), built once; the client is kept with it so
+# that its id is not reused by another client
+_chat_requests: dict[int, tuple[Any, Any]] = {}
+
+
+def chat_request(client: Any) -> Any:
+    """The request the SDK itself builds for POST /chat/completions on `client` (URL, the
+    API key's and the SDK's headers, timeouts), made once per client; a turn sends a
+    copy with its own body. None if this SDK builds requests some other way: the turn
+    then goes through `chat.completions.create`."""
+    cached = _chat_requests.get(id(client))
+    if cached is None or cached[0] is not client:
+        try:
+            from openai._models import FinalRequestOptions
+
+            options = FinalRequestOptions.construct(
+                method="post", url="/chat/completions", json_data={}
+            )
+            template = client._build_request(client._prepare_options(options))
+        except (ImportError, AttributeError, TypeError):
+            template = None
+        cached = _chat_requests[id(client)] = (client, template)
+    return cached[1]
+
+
+def send_chat(client: Any, template: Any, body: dict[str, Any]) -> tuple[Any, Any]:
+    """POST `body` as the SDK's `template` request (chat_request) through the SDK's own
+    HTTP client; the request and its response, open, to be read and closed. Failures
+    raise what `chat.completions.create` raises: APITimeoutError, APIConnectionError,
+    and for an error status the SDK's own APIStatusError subclass, made from the
+    response by the SDK itself (the endpoint's message in its body)."""
+    headers = [(k, v) for k, v in template.headers.multi_items() if k.lower() != "content-length"]
+    request = httpx.Request(
+        "POST",
+        template.url,
+        headers=headers,
+        content=msgspec.json.encode(body),
+        extensions=template.extensions,
+    )
+    try:
+        response = client._client.send(request, stream=True)
+        if response.status_code >= 400:
+            try:
+                response.read()
+            finally:
+                response.close()
+            raise client._make_status_error_from_response(response) from None
+    except httpx.TimeoutException as e:
+        raise openai.APITimeoutError(request=request) from e
+    except (httpx.RequestError, ssl.SSLError) as e:
+        raise openai.APIConnectionError(request=request) from e
+    return request, response
+
+
 def streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
-    """Read a streamed answer; every chunk is progress."""
-    parts: list[str] = []
-    calls: dict[int, ToolCall] = {}
-    finish_reason = None
-    last_progress = 0.0
-    chunks = 0
+    """Read a streamed answer; every chunk is progress.
+
+    Sent by send_chat, as `chat.completions.create(stream=True)` would send it, with its
+    errors (and APIError for an error event in the stream, as the SDK reads it) and no
+    retries of its own; but the events are parsed here, with msgspec. The SDK's request
+    machinery and its pydantic models run hundreds of Python functions a request, and
+    in a forked worker each of them copies the pages it touches (reference counts):
+    this path costs each worker about 2 MiB less (bench/memory.py)."""
+    template = chat_request(client)
+    if template is None:
+        return sdk_streamed_answer(client, args, ctx)
+    acc = _Accumulator(ctx)
+    request, response = send_chat(client, template, {**args, "stream": True})
+    try:
+        for event in sse_data(response.iter_bytes()):
+            if event.startswith(b"[DONE]"):
+                break
+            acc.add(msgspec.json.decode(event), request)
+    except httpx.TimeoutException as e:
+        raise openai.APITimeoutError(request=request) from e
+    except (httpx.RequestError, ssl.SSLError) as e:
+        raise openai.APIConnectionError(request=request) from e
+    finally:
+        response.close()
+    return acc.answer()
+
+
+def sse_data(chunks: Iterable[bytes]) -> Iterable[bytes]:
+    """The data of each server-sent event in a byte stream (lines end in LF, CRLF or CR;
+    an event's data lines are joined with LF; events without data are skipped)."""
+    buf = b""
+    data: list[bytes] = []
+    after_cr = False  # the last line ended in CR: an LF starting the next chunk is its end
+    for chunk in chunks:
+        if after_cr and chunk:
+            after_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        buf += chunk
+        lines = buf.splitlines(keepends=True)
+        buf = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        if lines and lines[-1].endswith(b"\r"):
+            after_cr = True
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if line:
+                field, _, value = line.partition(b":")
+                if field == b"data":
+                    data.append(value[1:] if value.startswith(b" ") else value)
+            elif data:
+                yield b"\n".join(data)
+                data = []
+
+
+class _Accumulator:
+    """The answer of a stream, chunk by chunk (chunks as decoded JSON objects)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.parts: list[str] = []
+        self.calls: dict[int, ToolCall] = {}
+        self.finish_reason: str | None = None
+        self.last_progress = 0.0
+        self.chunks = 0
+
+    def add(self, chunk: Any, request: Any) -> None:
+        self.chunks += 1
+        now = time.monotonic()
+        if now - self.last_progress >= PROGRESS_EVERY:
+            self.ctx.progress(f"model streaming ({self.chunks} chunks)")
+            self.last_progress = now
+        if not isinstance(chunk, dict):
+            return
+        if error := chunk.get("error"):  # an error event inside the stream, as the SDK reads it
+            message = error.get("message") if isinstance(error, dict) else None
+            if not message or not isinstance(message, str):
+                message = "An error occurred during streaming"
+            raise openai.APIError(message=message, request=request, body=error)
+        choices = chunk.get("choices")
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            return
+        choice = choices[0]
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        if content := delta.get("content"):
+            self.parts.append(str(content))
+        for piece in delta.get("tool_calls") or ():
+            if not isinstance(piece, dict):
+                continue
+            # some servers leave out the index and send each call whole, in one piece
+            index = piece.get("index")
+            if not isinstance(index, int):
+                index = len(self.calls)
+            call = self.calls.setdefault(index, ToolCall(f"call_{index}", "", ""))
+            if piece.get("id"):
+                call.id = str(piece["id"])
+            function = piece.get("function")
+            if isinstance(function, dict):
+                call.name += str(function.get("name") or "")
+                call.arguments += str(function.get("arguments") or "")
+
+    def answer(self) -> Answer:
+        calls = [self.calls[i] for i in sorted(self.calls)]
+        return Answer("".join(self.parts), calls, self.finish_reason)
+
+
+def sdk_streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
+    """A streamed answer read through `chat.completions.create(stream=True)`."""
+    acc = _Accumulator(ctx)
     with client.chat.completions.create(**args, stream=True) as stream:
         for chunk in stream:
-            chunks += 1
-            now = time.monotonic()
-            if now - last_progress >= PROGRESS_EVERY:
-                ctx.progress(f"model streaming ({chunks} chunks)")
-                last_progress = now
-            if not chunk.choices:
-                continue
-            choice = chunk.choices[0]
-            finish_reason = choice.finish_reason or finish_reason
-            delta = choice.delta
-            if delta is None:
-                continue
-            if delta.content:
-                parts.append(delta.content)
-            for piece in delta.tool_calls or ():
-                # some servers leave out the index and send each call whole, in one piece
-                index = piece.index if piece.index is not None else len(calls)
-                call = calls.setdefault(index, ToolCall(f"call_{index}", "", ""))
-                if piece.id:
-                    call.id = piece.id
-                if piece.function is not None:
-                    call.name += piece.function.name or ""
-                    call.arguments += piece.function.arguments or ""
-    return Answer("".join(parts), [calls[i] for i in sorted(calls)], finish_reason)
+            acc.add(chunk.model_dump(exclude_unset=True), None)
+    return acc.answer()
 
 
 def whole_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
+    """Read a whole answer, sent by send_chat as `chat.completions.create()` would."""
+    template = chat_request(client)
+    if template is None:
+        return sdk_whole_answer(client, args, ctx)
+    request, response = send_chat(client, template, args)
+    try:
+        body = response.read()
+    except httpx.TimeoutException as e:
+        raise openai.APITimeoutError(request=request) from e
+    except (httpx.RequestError, ssl.SSLError) as e:
+        raise openai.APIConnectionError(request=request) from e
+    finally:
+        response.close()
+    ctx.progress("model answered")
+    data = msgspec.json.decode(body)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise TurnError("the model endpoint answered without any choices")
+    choice = choices[0]
+    message = choice.get("message")
+    message = message if isinstance(message, dict) else {}
+    calls = []
+    for n, tc in enumerate(message.get("tool_calls") or ()):
+        if not isinstance(tc, dict):
+            continue
+        call_id = str(tc.get("id") or f"call_{n}")
+        function = tc.get("function")
+        if not isinstance(function, dict):  # a non-function ("custom") tool call: we offer none
+            calls.append(ToolCall(call_id, str(tc.get("type") or "?"), ""))
+        else:
+            name, arguments = function.get("name"), function.get("arguments")
+            calls.append(ToolCall(call_id, str(name or ""), str(arguments or "")))
+    return Answer(str(message.get("content") or ""), calls, choice.get("finish_reason"))
+
+
+def sdk_whole_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
+    """A whole answer read through `chat.completions.create()`."""
     response = client.chat.completions.create(**args)
     ctx.progress("model answered")
     if not response.choices:
@@ -690,12 +864,28 @@ def warm_up(options: dict[str, Any]) -> None:
     openai_warm.warm_up(options)
 
 
+_configured: tuple[dict[str, Any], Options, str] | None = None
+
+
+def configured(raw: dict[str, Any]) -> tuple[Options, str]:
+    """The options and the API key (load_options, api_key), kept with a copy of the
+    options table they came from: a worker's turns all get the table the zygote's
+    warm-up got, so they are made once, there. A TurnError (bad options, a key not set)
+    is not kept."""
+    global _configured
+    if _configured is not None and _configured[0] == raw:
+        return _configured[1], _configured[2]
+    options = load_options(raw)
+    key = api_key(options)
+    _configured = (dict(raw), options, key)
+    return options, key
+
+
 def agent(turn: Turn, ctx: Context) -> None:
     """Answer one turn with the configured OpenAI-compatible endpoint."""
     if openai is None:
         raise TurnError(install_hint())
-    options = load_options(ctx.options)
-    key = api_key(options)
+    options, key = configured(ctx.options)
     redact = Redactor(key)
     started = time.monotonic()
     try:

@@ -12,7 +12,9 @@ copy-on-write by every worker (measured by `python -m bench --only memory`).
    against a rehearsal endpoint: a loopback server on 127.0.0.1 with canned answers,
    on a thread of its own that ends with the rehearsal. Nothing is sent anywhere
    else; the rehearsal's client and its connection are closed;
-3. builds the client a turn will use, for the configured endpoint (openai.client_for).
+3. builds the client a turn will use, for the configured endpoint (openai.client_for),
+   the request the SDK builds on it, which every turn copies (openai.chat_request), and
+   the options and key every turn uses (openai.configured).
 
 Nothing that must not cross a fork is left: the configured client has no connection
 yet (its pool opens them in the worker, on the first turn) and its pool's lock is not
@@ -143,6 +145,7 @@ def rehearse() -> None:
                 agent.streamed_answer(client, args, quiet)
                 agent.whole_answer(client, args, quiet)
         finally:
+            agent._chat_requests.pop(id(client), None)
             client.close()
 
 
@@ -156,8 +159,9 @@ def warm_up(options: dict[str, Any]) -> None:
     except Exception as e:  # only memory is lost: say so, and build the client anyway
         logging.getLogger("corral.agent").warning("openai warm-up: rehearsal failed: %s", e)
     try:
-        configured = agent.load_options(options)
-        key = agent.api_key(configured)
+        configured, key = agent.configured(options)
     except TurnError:
         return  # each turn will say what is wrong with the options
-    agent.client_for(configured, key).chat.completions  # noqa: B018 - built on first use
+    client = agent.client_for(configured, key)
+    client.chat.completions  # noqa: B018 - built on first use
+    agent.chat_request(client)  # the request a streamed turn copies
