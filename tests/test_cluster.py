@@ -123,12 +123,15 @@ def test_ls_on_any_node_lists_every_session_with_its_node_and_status_lists_the_n
 
 
 def test_a_draining_node_hands_its_sessions_over_without_waiting_for_the_lease(corral, pg_url):
-    # a lease of 60 s: a session moves on within the test only if it is handed over
-    a, b = start_nodes(corral, pg_url, ["a", "b"], HISTORY, ttl="60s")
+    # a lease of 60 s: a session moves on within the test only if it is handed over.
+    # Node a runs alone first, so it owns every session (with two nodes up, either
+    # may claim a new one: the accepting node's claim races the other's hint)
+    (a,) = start_nodes(corral, pg_url, ["a"], HISTORY, ttl="60s")
     for i in range(4):
         assert a.texts(f"d{i}", "one") == ["one"]
+    (b,) = start_nodes(corral, pg_url, ["b"], HISTORY, ttl="60s")
     owned_by_a = [r["session"] for r in a.ls() if r["node"] == "a"]
-    assert owned_by_a
+    assert sorted(owned_by_a) == [f"d{i}" for i in range(4)]
     assert a.stop() == 0
     for session in owned_by_a:
         body = b.send(session, "two", wait=20)
