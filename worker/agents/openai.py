@@ -57,7 +57,8 @@ import time
 import traceback
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -484,7 +485,7 @@ def send_chat(client: Any, template: Any, body: dict[str, Any]) -> tuple[Any, An
         content=msgspec.json.encode(body),
         extensions=template.extensions,
     )
-    try:
+    with sdk_errors(request):
         response = client._client.send(request, stream=True)
         if response.status_code >= 400:
             try:
@@ -492,11 +493,18 @@ def send_chat(client: Any, template: Any, body: dict[str, Any]) -> tuple[Any, An
             finally:
                 response.close()
             raise client._make_status_error_from_response(response) from None
+    return request, response
+
+
+@contextmanager
+def sdk_errors(request: Any) -> Iterator[None]:
+    """The HTTP client's failures as the SDK's own: APITimeoutError, APIConnectionError."""
+    try:
+        yield
     except httpx.TimeoutException as e:
         raise openai.APITimeoutError(request=request) from e
     except (httpx.RequestError, ssl.SSLError) as e:
         raise openai.APIConnectionError(request=request) from e
-    return request, response
 
 
 def streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
@@ -514,14 +522,11 @@ def streamed_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
     acc = _Accumulator(ctx)
     request, response = send_chat(client, template, {**args, "stream": True})
     try:
-        for event in sse_data(response.iter_bytes()):
-            if event.startswith(b"[DONE]"):
-                break
-            acc.add(msgspec.json.decode(event), request)
-    except httpx.TimeoutException as e:
-        raise openai.APITimeoutError(request=request) from e
-    except (httpx.RequestError, ssl.SSLError) as e:
-        raise openai.APIConnectionError(request=request) from e
+        with sdk_errors(request):
+            for event in sse_data(response.iter_bytes()):
+                if event.startswith(b"[DONE]"):
+                    break
+                acc.add(msgspec.json.decode(event), request)
     finally:
         response.close()
     return acc.answer()
@@ -624,11 +629,8 @@ def whole_answer(client: Any, args: dict[str, Any], ctx: Context) -> Answer:
         return sdk_whole_answer(client, args, ctx)
     request, response = send_chat(client, template, args)
     try:
-        body = response.read()
-    except httpx.TimeoutException as e:
-        raise openai.APITimeoutError(request=request) from e
-    except (httpx.RequestError, ssl.SSLError) as e:
-        raise openai.APIConnectionError(request=request) from e
+        with sdk_errors(request):
+            body = response.read()
     finally:
         response.close()
     ctx.progress("model answered")
