@@ -356,11 +356,14 @@ def test_a_missing_sdk_is_a_clear_error(monkeypatch):
         openai_agent.agent(turn, None)  # type: ignore[arg-type]
 
 
-def test_the_installed_sdk_takes_the_lean_request_path():
+def test_the_installed_sdk_takes_the_lean_request_path(monkeypatch: pytest.MonkeyPatch):
     """The worker's turn goes through the SDK's own client with the request the SDK builds
     (chat_request); an SDK that builds requests some other way makes the agent fall back to
     `chat.completions.create`, which works but costs each worker about 2 MiB more: an SDK
     upgrade that does so should fail here, not pass unnoticed."""
+    # the module's caches of clients and requests as they were, after this test
+    monkeypatch.setattr(openai_agent, "_clients", {})
+    monkeypatch.setattr(openai_agent, "_chat_requests", {})
     options = openai_agent.Options(model="m", base_url="http://127.0.0.1:9/v1")
     client = openai_agent.client_for(options, "sk-test")
     request = openai_agent.chat_request(client)
