@@ -25,9 +25,9 @@ from typing import Any
 from corral.protocol.types import ERROR, Origin, Reply
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.store import FAILED, PENDING, Accepted, Inbound, Message, StoredReply
-from corral.supervisor.store_pg_cluster import LeaseLost
 from corral.supervisor.stores import AnyStore
 from corral.supervisor.storethread import (
+    LeaseLost,
     RepliesNotStored,
     StoreBroken,
     StoreError,

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import msgspec
 import psycopg
 
-from corral.supervisor.pg_schema import StoreError
 from corral.supervisor.store_rows import SessionRecord
+from corral.supervisor.storethread import LeaseLost
 
 T = TypeVar("T")
 
@@ -43,10 +43,6 @@ LEASE_OF_MESSAGE: Final = (
 LEASE_OF_SESSION: Final = (
     "f AS (SELECT epoch FROM corral.leases WHERE session = %s AND node = %s FOR SHARE)"
 )
-
-
-class LeaseLost(StoreError):
-    """A write of a session's turn found that this node no longer holds its lease."""
 
 
 class Claimed(msgspec.Struct, frozen=True):

@@ -49,6 +49,11 @@ class RepliesNotStored(StoreError):
     committed without the replies it followed."""
 
 
+class LeaseLost(StoreError):
+    """A write of a session's turn found that this node no longer holds its lease (a
+    cluster on PostgreSQL): another node runs the session now."""
+
+
 # A reply a finish checks for: (index, kind, text). A reply of kind error may be stored
 # at another index (after an earlier run's replies): it is looked for by its text.
 ExpectedReply = tuple[int, str, str]

@@ -25,14 +25,20 @@ def polling(c: Corral) -> bool:
     return any(p["state"] == "polling" for p in status_json(c)["pollers"])
 
 
+def two_nodes_and_their_leader(corral: Any, pg_url: str, api: Any) -> tuple[Corral, Corral]:
+    """Two nodes with one bot of the fake Bot API `api`: (the one that polls it, the
+    other), once one does."""
+    a, b = (corral({**node_config(pg_url, n), **bot(api)}, agent=ECHO) for n in ("a", "b"))
+    wait_for(lambda: polling(a) or polling(b), timeout=30)
+    return (a, b) if polling(a) else (b, a)
+
+
 def test_one_node_polls_telegram_and_another_takes_over_when_it_dies(
     corral: Any,
     pg_url: str,
     fake: Any,  # noqa: F811
 ) -> None:
-    a, b = (corral({**node_config(pg_url, n), **bot(fake)}, agent=ECHO) for n in ("a", "b"))
-    wait_for(lambda: polling(a) or polling(b), timeout=30)
-    leader, other = (a, b) if polling(a) else (b, a)
+    leader, other = two_nodes_and_their_leader(corral, pg_url, fake)
     assert not polling(other)
     # the other node says why it does not poll
     wait_for(lambda: {p["state"] for p in status_json(other)["pollers"]} == {"standby"})
@@ -51,9 +57,7 @@ def test_a_stopped_leader_hands_telegram_over_and_stands_down_when_it_wakes(
     pg_url: str,
     fake: Any,  # noqa: F811
 ) -> None:
-    a, b = (corral({**node_config(pg_url, n), **bot(fake)}, agent=ECHO) for n in ("a", "b"))
-    wait_for(lambda: polling(a) or polling(b), timeout=30)
-    leader, other = (a, b) if polling(a) else (b, a)
+    leader, other = two_nodes_and_their_leader(corral, pg_url, fake)
     assert leader.proc is not None
     os.kill(leader.proc.pid, signal.SIGSTOP)  # alive to the kernel, silent to the database
     try:
