@@ -144,15 +144,20 @@ def main() -> None:
 def serve(config_path: str | None, log_level: str) -> None:
     """Run the supervisor."""
     # imported here: the client commands need none of the supervisor
-    from corral.supervisor.app import event_loop_factory
+    from corral.supervisor.app import StartError, event_loop_factory
     from corral.supervisor.app import serve as run
 
     found = find_config_path(config_path)
     config = _load(str(found) if found else None)
     try:
+        loop_factory = event_loop_factory()
+    except StartError as e:
+        click.echo(f"Error: cannot start: {e}", err=True)
+        sys.exit(2)
+    try:
         with (
             logging_to_stderr(log_level),
-            asyncio.Runner(loop_factory=event_loop_factory()) as runner,
+            asyncio.Runner(loop_factory=loop_factory) as runner,
         ):
             code = runner.run(run(config, found.resolve() if found else None))
     except KeyboardInterrupt:  # Ctrl-C before the supervisor's own handlers are in place

@@ -86,18 +86,36 @@ def listening(config: Config) -> str:
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop, if it is installed (`pip install 'corral[fast]'`) and not turned
-    off with CORRAL_EVENT_LOOP=asyncio; else None: asyncio's own.
+    """The event loop `serve` runs on, from CORRAL_EVENT_LOOP: unset or "auto", uvloop's
+    if it is installed (`pip install 'corral[fast]'`), else asyncio's own (None);
+    "asyncio", asyncio's; "uvloop", uvloop's or a StartError saying it is missing.
 
     Both run the same code: uvloop is a drop-in implementation of asyncio's loop on
     libuv, with less overhead per callback, socket read and write."""
-    if os.environ.get("CORRAL_EVENT_LOOP", "") == "asyncio":
+    choice = os.environ.get("CORRAL_EVENT_LOOP", "") or "auto"
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise StartError(f"CORRAL_EVENT_LOOP={choice!r}: expected auto, asyncio or uvloop")
+    if choice == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
+        if choice == "uvloop":
+            raise StartError(
+                "CORRAL_EVENT_LOOP=uvloop, but uvloop is not installed: pip install 'corral[fast]'"
+            ) from None
         return None
     return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def event_loop_name() -> str:
+    """What the running loop is, for the start-up log line: "uvloop 0.21.0" or "asyncio"."""
+    module = type(asyncio.get_running_loop()).__module__
+    if module.startswith("uvloop"):
+        import uvloop
+
+        return f"uvloop {uvloop.__version__}"
+    return "asyncio"
 
 
 def open_store(config: Config) -> AnyStore:
@@ -252,7 +270,7 @@ async def serve(config: Config, config_path: Path | None = None) -> int:
             config.agent.entrypoint,
             config.state_path,
             listening(config),
-            type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            event_loop_name(),
         )
         await stop
         notifier.notify("STOPPING=1", "STATUS=draining")

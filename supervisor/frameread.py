@@ -16,7 +16,7 @@ import fcntl
 import socket
 import struct
 import termios
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -52,8 +52,10 @@ class FrameStream(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's Unix transport has every method of
+        # asyncio.Transport without being registered as one (with uvloop installed the
+        # check failed every worker's first frame)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

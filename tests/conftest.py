@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,10 @@ import pytest
 
 from tests.harness import STARTED, Corral
 from tests.pg import pg_empty_url, pg_server, pg_template, pg_url  # noqa: F401 (fixtures)
+
+# The suite runs the supervisor on asyncio's loop, the one a plain install gets, also
+# where uvloop is installed (the test extra has it); test_event_loops runs it on both.
+os.environ.setdefault("CORRAL_EVENT_LOOP", "asyncio")
 
 
 @pytest.fixture
