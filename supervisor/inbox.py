@@ -276,9 +276,22 @@ class Inbox:
             except StoreBroken as e:  # the supervisor is stopping; nothing survives now
                 log.error("session %s: message %s not finished: %s", message.session, message.id, e)
                 return
+            except LeaseLost:
+                return self._taken_over(message)
             else:
                 return self._finished(message)
         self._keep(Unsaved(message, state=state))
+
+    def _taken_over(self, message: Message) -> None:
+        """A turn's end refused here because another node holds its session now: that
+        node runs the turn again, and a ?wait here is answered when it ends there (the
+        cluster's remote waits). Not a failure of the session or of its worker."""
+        log.warning(
+            "session %s: held by another node now; the end of message %s is not written "
+            "here (that node runs its turn again)",
+            message.session,
+            message.id,
+        )
 
     async def finish_unchecked(self, message: Message, state: str) -> None:
         """Finish `message` whatever became of its replies (they failed and were logged)."""
@@ -288,6 +301,8 @@ class Inbox:
             self._keep(Unsaved(message, state=state))
         except StoreBroken as e:
             log.error("session %s: message %s not finished: %s", message.session, message.id, e)
+        except LeaseLost:
+            self._taken_over(message)
         else:
             self._finished(message)
 
@@ -314,6 +329,8 @@ class Inbox:
         if (error := fut.exception()) is not None:
             if isinstance(error, StoreUnavailable):
                 self._keep(write)
+                return
+            if isinstance(error, LeaseLost):  # the turn's end says so, once
                 return
             log.error("session %s: a reply could not be stored: %s", message.session, error)
             return

@@ -125,3 +125,45 @@ def test_a_node_stopped_inside_a_transaction_does_not_keep_its_sessions_past_the
     wait_for(lambda: "ivy" not in workers_of(victim), timeout=15)
     assert victim.proc.poll() is None, victim.log()[-3000:]
     assert victim.texts("ivy2", "echo alive") == ["alive"]  # the node works on
+
+
+def test_a_turn_that_ends_after_its_lease_was_taken_is_answered_once_by_the_new_holder(
+    corral, pg_url
+):
+    """The lease moves while a turn runs (another node claimed it), and the turn ends
+    before this node's next renewal notices: its reply and finish are refused
+    (LeaseLost). That is no crash of the session's worker, and the ?wait still gets
+    the answer of the run that counts."""
+    (a,) = start_nodes(corral, pg_url, ["a"], CHAOS, ttl="60s")  # renewals 12 s apart
+    assert a.texts("kim", "echo warm") == ["warm"]
+    with psycopg.connect(pg_url, autocommit=True) as db:
+
+        def beat() -> object:
+            return db.execute("SELECT heartbeat_at FROM corral.nodes WHERE name = 'a'").fetchone()
+
+        last = beat()
+        wait_for(lambda: beat() != last, timeout=30)  # a renewal just happened: 12 s to the next
+        answer: dict[str, dict] = {}
+        waiting = threading.Thread(
+            target=lambda: answer.update(body=a.send("kim", "sleep 2; echo x", wait=60, id="kim-2"))
+        )
+        waiting.start()
+        wait_for(lambda: any(r["session"] == "kim" and r["state"] == "busy" for r in a.ls()))
+        # another node claims the session, for 3 s, and leaves it to expire
+        moved = db.execute(
+            "UPDATE corral.leases SET node = 'ghost', epoch = epoch + 1, "
+            "expires_at = now() + interval '3 seconds' WHERE session = 'kim' AND node = 'a'"
+        ).rowcount
+        assert moved == 1
+        waiting.join(90)
+    body = answer["body"]
+    assert body["status"] == "done" and [r["text"] for r in body["replies"]] == ["x"], body
+    assert [r["text"] for r in replies_of(a, "kim")] == ["warm", "x"]  # once, not twice
+    log = a.log()
+    # the scenario happened: the turn's end met the moved lease (not a renewal first)
+    assert "the end of message kim-2 is not written here" in log, log[-4000:]
+    assert "LeaseLost" not in log and "internal error" not in log, log[-4000:]
+    samples = a.metrics()
+    assert samples.get('corral_worker_exits_total{reason="crashed"}', 0) == 0, samples
+    wait_for(lambda: a.metrics()["corral_inbox_depth"] == 0, timeout=20)
+    assert a.texts("kim", "echo after") == ["after"]
