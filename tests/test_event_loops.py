@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from tests.harness import wait_for
@@ -88,6 +90,47 @@ def test_the_supervisor_serves_and_stops_on_each_loop(corral, loop_name):
     finally:
         slow.kill()
         slow.wait(10)
+
+
+def test_out_of_descriptors_each_loop_recovers_and_says_what_it_can(corral, loop_name):
+    """With no descriptor left, asyncio leaves new connections in the backlog and
+    reports each failed accept (corral logs one line a burst); libuv (uvloop) accepts
+    and closes them at once, the client sees a reset, and nothing reaches corral. Both
+    serve again once descriptors are free, without a traceback."""
+    c = corral()
+    assert c.proc is not None
+    proc = psutil.Process(c.proc.pid)
+    limit = proc.rlimit(psutil.RLIMIT_NOFILE)
+    outcomes: list[str] = []
+    held: list[socket.socket] = []
+    try:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds(), limit[1]))
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", c.port), timeout=5)
+            held.append(s)
+            s.settimeout(1.5)
+            try:
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: corral\r\n\r\n")
+                outcomes.append("answered" if s.recv(100) else "closed")
+            except ConnectionResetError:
+                outcomes.append("reset")
+            except TimeoutError:
+                outcomes.append("waiting")
+        time.sleep(1.5)  # asyncio retries each second
+    finally:
+        proc.rlimit(psutil.RLIMIT_NOFILE, limit)
+        for s in held:
+            s.close()
+    assert c.texts("ok", "serving again") == ["serving again"]
+    log = c.log()
+    lines = [x for x in log.splitlines() if "cannot accept" in x]
+    if loop_name == "asyncio":
+        assert outcomes == ["waiting"] * 3, outcomes
+        assert len(lines) == 1 and "Too many open files" in lines[0], lines
+    else:
+        assert "answered" not in outcomes and "reset" in outcomes, outcomes
+        assert lines == [], lines
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_an_unknown_event_loop_is_refused_by_name(tmp_path, monkeypatch):
