@@ -35,10 +35,20 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float 
     raise AssertionError("condition not met in time")
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before in this run: the kernel may give the
+    same free port to two binds in a row, and a test asking for two ports (HTTP and
+    metrics) then got one port twice (CI: "metrics.listen ... is also channels.http")."""
+    while True:  # ends at the first port not given before; the kernel has thousands
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def processes_with_mark(mark: str) -> list[psutil.Process]:
