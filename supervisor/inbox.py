@@ -266,21 +266,36 @@ class Inbox:
         if not self._unsaved_by[message.id]:
             try:
                 await self.store.finish(message.id, state, expected)
-            except StoreUnavailable:
-                pass
             except RepliesNotStored:
                 if not self._unsaved_by[message.id]:
                     # not refused by the disk but failed otherwise (logged): as before
                     # the check, the turn still ends
                     return await self.finish_unchecked(message, state)
-            except StoreBroken as e:  # the supervisor is stopping; nothing survives now
-                log.error("session %s: message %s not finished: %s", message.session, message.id, e)
-                return
-            except LeaseLost:
-                return self._taken_over(message)
+            except (StoreUnavailable, StoreBroken, LeaseLost) as e:
+                return self._refused(message, state, e)
             else:
                 return self._finished(message)
         self._keep(Unsaved(message, state=state))
+
+    async def finish_unchecked(self, message: Message, state: str) -> None:
+        """Finish `message` whatever became of its replies (they failed and were logged)."""
+        try:
+            await self.store.finish(message.id, state)
+        except (StoreUnavailable, StoreBroken, LeaseLost) as e:
+            self._refused(message, state, e)
+        else:
+            self._finished(message)
+
+    def _refused(self, message: Message, state: str, error: StoreError) -> None:
+        """A finish the store refused: kept for the replay when the disk is full; let go
+        when another node holds the session now; logged when the supervisor is stopping
+        (a broken store: nothing survives now)."""
+        if isinstance(error, StoreUnavailable):
+            self._keep(Unsaved(message, state=state))
+        elif isinstance(error, LeaseLost):
+            self._taken_over(message)
+        else:
+            log.error("session %s: message %s not finished: %s", message.session, message.id, error)
 
     def _taken_over(self, message: Message) -> None:
         """A turn's end refused here because another node holds its session now: that
@@ -292,19 +307,6 @@ class Inbox:
             message.session,
             message.id,
         )
-
-    async def finish_unchecked(self, message: Message, state: str) -> None:
-        """Finish `message` whatever became of its replies (they failed and were logged)."""
-        try:
-            await self.store.finish(message.id, state)
-        except StoreUnavailable:
-            self._keep(Unsaved(message, state=state))
-        except StoreBroken as e:
-            log.error("session %s: message %s not finished: %s", message.session, message.id, e)
-        except LeaseLost:
-            self._taken_over(message)
-        else:
-            self._finished(message)
 
     def _finished(self, message: Message) -> None:
         self.metrics.inbox_depth.dec()
