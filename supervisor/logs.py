@@ -15,6 +15,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+import time
 from collections.abc import Iterator
 
 # C0 and C1 controls, DEL, and Unicode's line and paragraph separators: each could
@@ -85,3 +86,28 @@ def logging_to_stderr(level: str) -> Iterator[None]:
         yield
     finally:
         listener.stop()
+
+
+BURST_QUIET = 60.0  # seconds without a repeat that end a burst of the same complaint
+
+
+class Burst:
+    """Log a recurring complaint once per burst: the first time, then a count when it
+    comes back after BURST_QUIET seconds, so a flood of failures is a few lines."""
+
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
+        self.logger = logger
+        self.level = level
+        self.last = -BURST_QUIET
+        self.hidden = 0
+
+    def report(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < BURST_QUIET:
+            self.hidden += 1
+            self.last = now
+            return
+        more = f" (and {self.hidden} more like it before)" if self.hidden else ""
+        self.logger.log(self.level, message + more, *args)
+        self.hidden = 0
+        self.last = now

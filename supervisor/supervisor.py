@@ -159,6 +159,7 @@ class Supervisor:
         self.services.start("watchdog", self.watchdog.run)
         self.services.start("zygote health", lambda: Spawner.watch(lambda: self.spawner))
         self.services.start("loop lag", self.lag.run)
+        self.services.start("descriptors", self.fds.watch)
         if self.cluster is not None:
             self.cluster.start()  # and Telegram's pollers on the node that leads them
         elif self.telegram is not None:

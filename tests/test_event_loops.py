@@ -95,8 +95,9 @@ def test_the_supervisor_serves_and_stops_on_each_loop(corral, loop_name):
 def test_out_of_descriptors_each_loop_recovers_and_says_what_it_can(corral, loop_name):
     """With no descriptor left, asyncio leaves new connections in the backlog and
     reports each failed accept (corral logs one line a burst); libuv (uvloop) accepts
-    and closes them at once, the client sees a reset, and nothing reaches corral. Both
-    serve again once descriptors are free, without a traceback."""
+    and closes them at once, the client sees a reset, and nothing reaches corral. On
+    both, corral's own probe says the descriptors ran out (one line), and both serve
+    again once descriptors are free, without a traceback."""
     c = corral()
     assert c.proc is not None
     proc = psutil.Process(c.proc.pid)
@@ -116,7 +117,7 @@ def test_out_of_descriptors_each_loop_recovers_and_says_what_it_can(corral, loop
                 outcomes.append("reset")
             except TimeoutError:
                 outcomes.append("waiting")
-        time.sleep(1.5)  # asyncio retries each second
+        time.sleep(2.5)  # asyncio retries each second; corral probes each second
     finally:
         proc.rlimit(psutil.RLIMIT_NOFILE, limit)
         for s in held:
@@ -130,6 +131,8 @@ def test_out_of_descriptors_each_loop_recovers_and_says_what_it_can(corral, loop
     else:  # closed (FIN) or reset, never left waiting
         assert set(outcomes) <= {"closed", "reset"}, outcomes
         assert lines == [], lines
+    out = [x for x in log.splitlines() if "out of file descriptors" in x]
+    assert len(out) == 1 and "ERROR" in out[0] and "LimitNOFILE" in out[0], out
     assert "Traceback" not in log, log[-3000:]
 
 

@@ -32,14 +32,13 @@ from corral.protocol.types import (
 from corral.supervisor import peers
 from corral.supervisor.channels.http_server import (
     AcceptErrors,
-    Burst,
     GuardedHandler,
     GuardedRunner,
     json_error,
 )
 from corral.supervisor.config import Config, split_listen
 from corral.supervisor.inbox import Inbox
-from corral.supervisor.logs import clean
+from corral.supervisor.logs import Burst, clean
 from corral.supervisor.sandbox import checks_http_peers
 from corral.supervisor.storethread import StoreError
 from corral.supervisor.supervisor import Draining, IdConflict, QueueFull, Supervisor

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,36 +29,13 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from corral.supervisor.logs import clean
+from corral.supervisor.logs import Burst, clean
 
 log = logging.getLogger("corral.http")
 
 # (our address, the peer's) -> why the peer is refused, or None
 PeerCheck = Callable[[tuple[str, int], tuple[str, int]], Awaitable[str | None]]
 _json = msgspec.json.Encoder()
-BURST_QUIET = 60.0  # seconds without a repeat that end a burst of the same complaint
-
-
-class Burst:
-    """Log a recurring complaint once per burst: the first time, then a count when it
-    comes back after BURST_QUIET seconds, so a flood of failures is a few lines."""
-
-    def __init__(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
-        self.logger = logger
-        self.level = level
-        self.last = -BURST_QUIET
-        self.hidden = 0
-
-    def report(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < BURST_QUIET:
-            self.hidden += 1
-            self.last = now
-            return
-        more = f" (and {self.hidden} more like it before)" if self.hidden else ""
-        self.logger.log(self.level, message + more, *args)
-        self.hidden = 0
-        self.last = now
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
