@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +61,19 @@ def processes_with_mark(mark: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def running(pids: Iterable[int]) -> list[int]:
+    """The ones still running: a zombie is dead, waiting for its parent to reap it (an
+    orphan of a SIGKILLed corral waits for PID 1, which on some machines is slow to)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 STARTED: list[Corral] = []  # every instance, so a failed test still stops what it started

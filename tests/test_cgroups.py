@@ -15,12 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from corral.protocol import cgroupfs
 from corral.supervisor import cgroups
-from tests.harness import Corral
+from tests.harness import Corral, running
 
 CHAOS = "corral.worker.agents.chaos:agent"
 NESTING = "tests.test_cgroups:nesting_agent"
@@ -47,19 +46,6 @@ def nesting_agent(turn, ctx):  # type: ignore[no-untyped-def]
 
 def _procs(cg: Path) -> set[int]:
     return {int(p) for p in (cg / "cgroup.procs").read_text().split()}
-
-
-def _alive(pids: set[int]) -> list[int]:
-    """The ones still running: a zombie is dead, waiting for its parent to reap it (an
-    orphan of a SIGKILLed corral waits for PID 1, which on some machines is slow to)."""
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
 
 
 def _remove_tree(cg: Path) -> None:
@@ -114,7 +100,7 @@ def test_each_worker_gets_a_cgroup_and_cgroup_kill_takes_its_strays(tmp_path, de
         while cg.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not cg.exists(), "a dead worker's cgroup is removed"
-        assert not _alive(members)
+        assert not running(members)
         assert c.texts("a", "echo back") == ["back"]
     finally:
         assert c.stop() == 0
@@ -129,7 +115,7 @@ def test_worker_cgroups_left_by_a_sigkilled_run_are_cleaned_at_the_next_start(tm
     c.kill9()
     c.start(cgroup=delegated)
     try:
-        assert not _alive(old)
+        assert not running(old)
         assert c.texts("a", "echo y") == ["y"]
         dirs = [d.name for d in (delegated / "workers").iterdir() if d.is_dir()]
         assert dirs == [str(c.ls()[0]["pid"])]
@@ -152,7 +138,7 @@ def test_a_cgroup_an_agent_made_inside_its_worker_s_goes_with_the_worker(tmp_pat
         while cg.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not cg.exists(), "the dead worker's cgroup and the one inside it are removed"
-        assert not _alive({sleeper})
+        assert not running({sleeper})
 
         assert c.texts("b", "nest")[0].isdigit()  # left running for the stop to clean up
     finally:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from corral.protocol.types import Origin
 from corral.supervisor.store import FETCHED, Store
 from tests.crashes import TEXT, assert_answered_interrupted_twice, crash_twice_during
-from tests.harness import Corral
+from tests.harness import Corral, running
 from tests.receiver import Receiver
 
 CHAOS = "corral.worker.agents.chaos:agent"
@@ -97,11 +97,7 @@ def test_sigkill_mid_run_and_restart_every_message_gets_exactly_one_reply(tmp_pa
         assert all(n == 1 for n in per_message.values()), per_message
         assert all(r["text"] == r["in_reply_to"] for r in got[s])
     # nothing of the killed run survived it
-    assert not [
-        p
-        for p in old_pids
-        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-    ]
+    assert not running(old_pids)
     # re-posting an id accepted before the crash is still one message
     status, body = c.request(
         "POST", "/v1/messages?wait=10", {"session": "s00", "text": "again", "id": "s00-m0"}
@@ -125,10 +121,7 @@ def test_restart_after_sigkill_finds_no_stale_lock_socket_port_or_worker(tmp_pat
     old_worker = c.ls()[0]["pid"]
     c.kill9()
     c.start()  # same state dir, same ports, same control socket path
-    assert (
-        not psutil.pid_exists(old_worker)
-        or psutil.Process(old_worker).status() == psutil.STATUS_ZOMBIE
-    )
+    assert not running([old_worker])
     assert c.texts("keep", "echo two") == ["two"]  # the transcript lock is free
     rows = c.ls()
     assert [r["session"] for r in rows] == ["keep"] and rows[0]["pid"] != old_worker
