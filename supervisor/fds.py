@@ -81,18 +81,15 @@ class Descriptors:
             try:
                 os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             except OSError as e:  # anything but running out is not this watch's to say
-                if e.errno not in (errno.EMFILE, errno.ENFILE):
-                    await asyncio.sleep(WATCH_EVERY)
-                    continue
-                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                burst.report(
-                    "out of file descriptors (%s; the limit is %d): new connections, "
-                    "workers and files fail until some are freed (raise LimitNOFILE, or "
-                    "see what holds them: corral status, ls /proc/%d/fd)",
-                    "this process's" if e.errno == errno.EMFILE else "the system's",
-                    limit,
-                    os.getpid(),
-                )
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    burst.report(
+                        "out of file descriptors (%s; the limit is %d): new connections, "
+                        "workers and files fail until some are freed (raise LimitNOFILE, "
+                        "or see what holds them: corral status, ls /proc/%d/fd)",
+                        "this process's" if e.errno == errno.EMFILE else "the system's",
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                        os.getpid(),
+                    )
             await asyncio.sleep(WATCH_EVERY)
 
     def take_new_session(self) -> str | None:

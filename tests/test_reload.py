@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from corral.supervisor.spawner import PING_INTERVAL
-from tests.harness import REPO, Corral, to_toml, wait_for
+from tests.harness import REPO, Corral, running, to_toml, wait_for
 
 CHAOS = "corral.worker.agents.chaos:agent"
 PID_ECHO = "tests.agents:pid_echo"
@@ -143,7 +143,7 @@ def test_a_new_agent_runs_the_next_turn_and_idle_workers_are_retired(corral):
     assert "agent.entrypoint" in result.stdout
 
     # the idle worker of the old agent is retired without a message; the zygote is new
-    wait_for(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie")
+    wait_for(lambda: not running([old_pid]))
     status = json.loads(c.cli("status", "--json").stdout)
     assert status["zygote_pid"] != old_zygote
     wait_for(lambda: not psutil.pid_exists(old_zygote))
