@@ -125,11 +125,14 @@ def test_out_of_descriptors_each_loop_recovers_and_says_what_it_can(corral, loop
     assert c.texts("ok", "serving again") == ["serving again"]
     log = c.log()
     lines = [x for x in log.splitlines() if "cannot accept" in x]
-    if loop_name == "asyncio":  # (a descriptor freed meanwhile may answer one)
+    # A descriptor freed meanwhile may answer one connection: the limit is set to the
+    # count of open descriptors, and corral's probe may hold /dev/null open at that moment.
+    if loop_name == "asyncio":
         assert "waiting" in outcomes and set(outcomes) <= {"waiting", "answered"}, outcomes
         assert len(lines) == 1 and "Too many open files" in lines[0], lines
     else:  # closed (FIN) or reset, never left waiting
-        assert set(outcomes) <= {"closed", "reset"}, outcomes
+        refused = {"closed", "reset"}
+        assert refused & set(outcomes) and set(outcomes) <= refused | {"answered"}, outcomes
         assert lines == [], lines
     out = [x for x in log.splitlines() if "out of file descriptors" in x]
     assert len(out) == 1 and "ERROR" in out[0] and "LimitNOFILE" in out[0], out
