@@ -65,9 +65,16 @@ CREATE TABLE IF NOT EXISTS messages (
     state TEXT NOT NULL DEFAULT 'pending',
     finished_at REAL
 );
-CREATE INDEX IF NOT EXISTS messages_pending ON messages (state, seq);
+-- Partial indexes hold only the rows their queries look for (pending messages, ended
+-- ones, replies waiting for delivery or dead): an HTTP reply, never delivered, enters
+-- none, and a message's accept writes no entry its finish must move. Their full
+-- predecessors are dropped (a database an older corral wrote).
+DROP INDEX IF EXISTS messages_pending;
+DROP INDEX IF EXISTS messages_finished;
+DROP INDEX IF EXISTS replies_undelivered;
+CREATE INDEX IF NOT EXISTS messages_waiting ON messages (seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session, seq);
-CREATE INDEX IF NOT EXISTS messages_finished ON messages (finished_at);
+CREATE INDEX IF NOT EXISTS messages_ended ON messages (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS replies (
     cursor INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -88,7 +95,9 @@ CREATE TABLE IF NOT EXISTS replies (
 );
 CREATE INDEX IF NOT EXISTS replies_by_session ON replies (session, channel, cursor);
 CREATE INDEX IF NOT EXISTS replies_by_message ON replies (message_id, idx);
-CREATE INDEX IF NOT EXISTS replies_undelivered ON replies (delivery, next_attempt_at);
+CREATE INDEX IF NOT EXISTS replies_to_deliver ON replies (channel, next_attempt_at)
+    WHERE delivery = 'pending';
+CREATE INDEX IF NOT EXISTS replies_dead ON replies (cursor) WHERE delivery = 'dead';
 CREATE TABLE IF NOT EXISTS sessions (
     key TEXT PRIMARY KEY,
     quarantined_until REAL,
