@@ -15,7 +15,6 @@ import logging
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from corral.supervisor.store_rows import (
     StoredReply,
     _message,
     _origin_encode,
+    new_message_id,
 )
 from corral.supervisor.storethread import (
     ExpectedReply,
@@ -270,7 +270,7 @@ class Store(StoreThread[sqlite3.Connection], DeliveryOps):
 
         `start`: the message's turn is about to run, so its first start is counted in the
         same transaction (one commit instead of two; a duplicate is not counted)."""
-        message_id = client_id or uuid.uuid4().hex
+        message_id = client_id or new_message_id()
 
         def op(conn: sqlite3.Connection) -> Accepted:
             # insert first, one statement in the common case; a known id inserts nothing

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -71,6 +70,7 @@ from corral.supervisor.store_rows import (
     _MESSAGE_COLUMNS,
     _message,
     _origin_encode,
+    new_message_id,
 )
 from corral.supervisor.storethread import ExpectedReply, RepliesNotStored, Result, StoreThread
 
@@ -228,7 +228,7 @@ class PgStore(StoreThread["psycopg.Connection[Any]"], PgDeliveryOps, PgClusterOp
     ) -> Accepted:
         """Store a message durably; the same client id twice returns the first one.
         `start`: count its first start in the same transaction (see Store.accept)."""
-        message_id = client_id or uuid.uuid4().hex
+        message_id = client_id or new_message_id()
 
         def op(conn: psycopg.Connection[Any]) -> Accepted:
             # insert first: a concurrent insert of the same id on another node makes this

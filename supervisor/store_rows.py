@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import msgspec
@@ -16,6 +18,19 @@ FAILED = "error"
 DELIVERED = "delivered"
 DEAD = "dead"
 FETCHED = "fetched"  # not pushed: the client fetches it (HTTP channel)
+
+
+def new_message_id() -> str:
+    """A new message's id: a UUIDv7 (RFC 9562) in 32 hex digits, the accept time in
+    milliseconds and then 74 random bits. Time-ordered, so the indexes keyed by message
+    id (and by the reply ids made from it) grow at their end, like the tables, instead
+    of at a random page each: a commit writes fewer pages (uuid4 ids before)."""
+    ms = time.time_ns() // 1_000_000 & (1 << 48) - 1
+    rand = int.from_bytes(os.urandom(10))  # 80 bits: 12 and 62 used
+    high = ms << 16 | 0x7000 | (rand >> 68)
+    low = 0b10 << 62 | rand & (1 << 62) - 1
+    return f"{high:016x}{low:016x}"
+
 
 _origin_encode = msgspec.json.Encoder().encode
 _origin_decode = msgspec.json.Decoder(Origin).decode

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -215,6 +216,25 @@ def test_without_a_client_id_every_accept_is_a_new_message(backend: Backend) -> 
         assert not any(g.duplicate for g in got)
         assert len({g.message.id for g in got}) == 3
         await store.close()
+
+    backend.run(body)
+
+
+def test_a_new_messages_id_is_a_uuid7_ordered_by_accept_time(backend: Backend) -> None:
+    """Time-ordered ids keep the indexes keyed by message id growing at their end."""
+
+    async def body() -> None:
+        store = await opened(backend.new())
+        ids = []
+        for _ in range(5):
+            ids.append((await store.accept("s", "t", HTTP, None)).message.id)
+            await asyncio.sleep(0.002)  # the order is by millisecond
+        await store.close()
+        assert ids == sorted(ids) and len(set(ids)) == 5, ids
+        for value in ids:
+            u = uuid.UUID(value)
+            assert value == u.hex and u.version == 7 and u.variant == uuid.RFC_4122, value
+            assert abs(int(value[:12], 16) / 1000 - time.time()) < 60, value
 
     backend.run(body)
 
