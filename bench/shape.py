@@ -52,6 +52,8 @@ from bench.servers import (
     wait_listening,
 )
 from bench.throughput import closed_loop
+from corral.supervisor.store import _SCHEMA as CORRAL_SCHEMA
+from corral.supervisor.store_rows import new_message_id
 
 HEAD = struct.Struct(">I")
 MINIMAL_SCHEMA = """
@@ -119,9 +121,7 @@ class Store(threading.Thread):
         if self.schema == "minimal":
             conn.executescript(MINIMAL_SCHEMA)
         else:
-            from corral.supervisor.store import _SCHEMA
-
-            conn.executescript(_SCHEMA)
+            conn.executescript(CORRAL_SCHEMA)
         while True:  # a daemon thread: ends with the process
             ops = [self.queue.get()]
             while not self.queue.empty():  # ends when the queue is drained
@@ -150,11 +150,7 @@ class Minimal:
         self.workers: dict[str, Worker] = {}
 
     def new_id(self) -> str:
-        if self.ids == "uuid4":
-            return uuid.uuid4().hex
-        from corral.supervisor.store_rows import new_message_id
-
-        return new_message_id()
+        return uuid.uuid4().hex if self.ids == "uuid4" else new_message_id()
 
     async def worker(self, session: str) -> Worker:
         if (w := self.workers.get(session)) is None:

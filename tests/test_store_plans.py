@@ -15,7 +15,7 @@ from corral.supervisor.store import DEAD, DELIVERED, DONE, FAILED, Store
 
 HTTP = Origin(channel="http")
 HOOK = Origin(channel="hooks", account="acct", chat="room-7")
-WRITES = ("SELECT", "UPDATE", "DELETE", "INSERT")
+STATEMENTS = ("SELECT", "UPDATE", "DELETE", "INSERT")
 
 
 class Traced(Store):
@@ -36,7 +36,7 @@ def full_scans(db: Path, statements: list[str]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     with sqlite3.connect(db) as conn:
         for sql in statements:
-            if not sql.lstrip().upper().startswith(WRITES):
+            if not sql.lstrip().upper().startswith(STATEMENTS):
                 continue
             plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
             if scans := [line for line in plan if line.startswith("SCAN") and "USING" not in line]:
@@ -83,7 +83,7 @@ def test_the_stores_queries_use_an_index_as_the_database_grows(tmp_path: Path) -
         return store
 
     store = asyncio.run(body())
-    checked = [s for s in store.ran if s.lstrip().upper().startswith(WRITES)]
+    checked = [s for s in store.ran if s.lstrip().upper().startswith(STATEMENTS)]
     assert len(checked) >= 15, store.ran
     assert full_scans(db, store.ran) == {}
 
